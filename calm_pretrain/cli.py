@@ -1,0 +1,54 @@
+"""`calm-pretrain` command line: one subcommand per job; each takes --config and dotted overrides."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from calm_pretrain.config import ConfigError, dump_config, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.k=8 train.lr=1e-4")
+
+
+def cmd_config(args) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_params(args) -> int:
+    from calm_pretrain.models import count_config_parameters
+
+    cfg = load_config(args.config, args.overrides)
+    counts = count_config_parameters(cfg.model)
+    print(f"{cfg.name} ({cfg.model.arch})")
+    for name, n in counts.items():
+        print(f"  {name:<24} {n:>15,}  ({n / 1e6:8.1f}M)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calm-pretrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_text in [
+        ("config", cmd_config, "print the resolved config"),
+        ("params", cmd_params, "print parameter counts by component (no weights allocated)"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        _add_config_args(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
