@@ -67,7 +67,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, layer_idx: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, layer_idx: int = 0, cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -78,7 +79,9 @@ class Attention(nn.Module):
             past = cache.length
             k, v = cache.update(layer_idx, k, v)
         gqa = q.shape[1] != k.shape[1]
-        if past == 0:
+        if attn_mask is not None:  # caller-defined layout (parallel roll-outs in BrierLM)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif t == 1:  # one new position attends to everything cached
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -96,8 +99,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, layer_idx: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_idx, cache)
+    def forward(self, x, cos, sin, layer_idx: int = 0, cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_idx, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -112,15 +116,22 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
 
-    def forward(self, inputs_embeds: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """inputs_embeds [B, T, H] → final hidden states [B, T, H] (after the final norm)."""
+    def forward(self, inputs_embeds: torch.Tensor, cache: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """inputs_embeds [B, T, H] → final hidden states [B, T, H] (after the final norm).
+
+        By default the T new positions continue the cache causally. ``positions`` [T] (RoPE
+        positions) and ``attn_mask`` (bool [T, cached + T], True = attend) override that layout,
+        so many continuations of one cached prefix can run side by side (BrierLM roll-outs).
+        """
         t = inputs_embeds.shape[1]
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + t, device=inputs_embeds.device)
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + t, device=inputs_embeds.device)
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache)
+            x = layer(x, cos, sin, i, cache, attn_mask)
         if cache is not None:
             cache.length += t
         return self.norm(x)
