@@ -28,6 +28,13 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from calm_pretrain.demo import run_demo
+
+    run_demo(args.run_dir, steps_scale=args.steps_scale)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calm-pretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
         p.set_defaults(func=fn)
+    p = sub.add_parser("demo", help="the main job: corpus → tokenizer → AE → latents → CALM + baseline → BrierLM, samples")
+    p.add_argument("--run-dir", default="runs/demo", help="outputs; finished stages are reused on a re-run")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's training steps")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

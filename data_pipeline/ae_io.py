@@ -1,0 +1,91 @@
+"""The autoencoder checkpoint directory: ``config.json`` + ``model.safetensors``, and its fingerprint.
+
+- ``config.json``: ``dataclasses.asdict(AutoencoderConfig)``.
+- ``model.safetensors``: the state dict. The decoder's output projection is the encoder's token
+  embedding (one tied Parameter); both names are stored as separate tensors (safetensors refuses shared
+  storage) and loading checks they are equal, loads strictly and checks the tie survived.
+
+The fingerprint is a hash of the config and of every weight (name, dtype, shape, bytes), so two
+autoencoders with the same fingerprint encode identically. (This format may later move to the trainer's
+release layout; only these three functions need to follow it.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from data_pipeline.errors import DataError
+from data_pipeline.files import atomic_write_bytes, fsync_dir, tmp_path_for
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TIED = ("encoder.embed_tokens.weight", "decoder.lm_head_weight")
+
+
+def save_autoencoder(ae, directory: str | os.PathLike) -> Path:
+    """Write `ae` (a calm_pretrain Autoencoder) to `directory`; files appear complete or not at all."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().to("cpu").clone().contiguous() for name, t in ae.state_dict().items()}
+    weights = d / WEIGHTS_NAME
+    tmp = tmp_path_for(weights)
+    save_file(state, str(tmp), metadata={"format": "pt", "calm": "autoencoder"})
+    os.replace(tmp, weights)
+    atomic_write_bytes(d / CONFIG_NAME, (json.dumps(dataclasses.asdict(ae.config), indent=1) + "\n").encode())
+    fsync_dir(d)
+    return d
+
+
+def load_autoencoder(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Read an autoencoder written by :func:`save_autoencoder`; eval mode, no gradients, on `device`."""
+    from safetensors.torch import load_file
+
+    from calm_pretrain.config import ConfigError, model_config_from_dict
+    from calm_pretrain.models.autoencoder import Autoencoder
+
+    d = Path(directory)
+    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise DataError(f"autoencoder directory {d}: {p.name} is missing")
+    try:
+        values = json.loads(cfg_path.read_text())
+        values.setdefault("arch", "autoencoder")
+        cfg = model_config_from_dict(values)
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise DataError(f"{cfg_path}: not a valid autoencoder config ({e})") from None
+    if getattr(cfg, "arch", None) != "autoencoder":
+        raise DataError(f"{cfg_path}: arch is {cfg.arch!r}, not 'autoencoder'")
+    try:
+        state = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError / OSError
+        raise DataError(f"{w_path}: cannot read weights ({e})") from None
+    if TIED[0] in state and TIED[1] in state and not torch.equal(state[TIED[0]], state[TIED[1]]):
+        raise DataError(f"{w_path}: {TIED[0]} and {TIED[1]} differ, but they are one tied weight")
+    ae = Autoencoder(cfg)
+    try:
+        ae.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DataError(f"{w_path}: weights do not match the config in {cfg_path} ({e})") from None
+    if ae.decoder.lm_head_weight is not ae.encoder.embed_tokens.weight:
+        raise DataError(f"{w_path}: the decoder's output projection is no longer tied to the embedding")
+    ae.requires_grad_(False)
+    return ae.to(device).eval()
+
+
+def autoencoder_fingerprint(ae) -> str:
+    """sha256 over the config and all weights (sorted names), first 16 hex digits."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(ae.config), sort_keys=True).encode())
+    for name, t in sorted(ae.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,95 @@
+"""Small file-system helpers: atomic writes (temporary name, fsync, rename) and hashing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_path_for(path: Path) -> Path:
+    """A temporary name beside `path`, unique per process, that no reader mistakes for a finished file."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def is_tmp_name(name: str) -> bool:
+    return name.startswith(".") and TMP_MARK in name
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either absent, the old content, or all of `data`."""
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of `obj` (sorted keys), first `length` hex digits."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def remove_stale_tmp(directory: Path, only_for: Optional[Iterable[str]] = None) -> int:
+    """Delete temporary files left by an interrupted writer; returns how many.
+
+    `only_for` limits this to the temporaries of the given final names (so that one encode rank never
+    removes a file another rank is writing right now)."""
+    n = 0
+    if not Path(directory).is_dir():
+        return 0
+    wanted = None if only_for is None else set(only_for)
+    for p in Path(directory).iterdir():
+        if not is_tmp_name(p.name):
+            continue
+        final = p.name[1:].split(TMP_MARK)[0]
+        if (wanted is None or final in wanted) and p.is_file():
+            try:
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n

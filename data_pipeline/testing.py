@@ -1,0 +1,102 @@
+"""Helpers for tests and benchmarks: small datasets written directly, tiny autoencoders, corpus slices."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from data_pipeline.manifest import Manifest, ShardEntry, write_done, write_manifest
+from data_pipeline.shards import ShardSpec, ShardWriter, token_dtype_for
+
+
+def write_token_dataset(directory: str | Path, samples: np.ndarray, k: int = 4, shards: int = 1,
+                        vocab_size: int = 4096, tokenizer: Optional[dict] = None, layout: str = "lm",
+                        rows_per_batch: Optional[int] = None) -> Manifest:
+    """Token shards holding exactly `samples` [n, T] (split into `shards` files) and their manifest."""
+    directory = Path(directory)
+    samples = np.asarray(samples)
+    n, t = samples.shape
+    spec = ShardSpec("tokens", t, token_dtype_for(vocab_size), k)
+    entries = []
+    for i, part in enumerate(np.array_split(np.arange(n), shards)):
+        path = directory / f"tokens-{i:05d}.arrow"
+        with ShardWriter(path, spec, rows_per_batch=rows_per_batch) as w:
+            w.add(samples[part])
+            info = w.finish()
+        entry = ShardEntry(path.name, info.num_samples, info.num_samples * t, info.bytes, info.sha256, {"unit": i})
+        write_done(path, entry)
+        entries.append(entry)
+    tok = tokenizer or {"spec": "test", "type": "test", "fingerprint": "test-tokenizer", "vocab_size": vocab_size,
+                        "bos_id": 1, "eos_id": 2, "pad_id": 0}
+    m = Manifest(kind="tokens", layout=layout, k=k, seq_chunks=t // k, sample_tokens=t, token_dtype=spec.token_dtype,
+                 tokenizer=tok, shards=entries, stats={}, job={"stage": "test"}, complete=True)
+    write_manifest(m, directory)
+    return m
+
+
+def tiny_ae_config(**overrides):
+    """A small AutoencoderConfig (demo vocabulary, pad 0, bos 1, eos 2)."""
+    from calm_pretrain.config import AutoencoderConfig
+
+    values = dict(k=4, latent_dim=16, vocab_size=4096, hidden_size=32, intermediate_size=64, num_encoder_layers=2,
+                  num_decoder_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    values.update(overrides)
+    return AutoencoderConfig(**values)
+
+
+def corpus_documents(path: str | Path, limit: int, skip: int = 0, field: str = "text") -> Iterator[str]:
+    """The first `limit` documents (after `skip`) of a jsonl or jsonl.zst file, streamed."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if path.suffix == ".zst":
+            import zstandard
+
+            stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
+        else:
+            stream = io.TextIOWrapper(f, encoding="utf-8")
+        n = 0
+        for i, line in enumerate(stream):
+            if i < skip:
+                continue
+            if n >= limit:
+                break
+            yield json.loads(line)[field]
+            n += 1
+
+
+def write_jsonl(path: str | Path, texts, field: str = "text", compress: bool = False) -> Path:
+    path = Path(path)
+    data = b"".join(json.dumps({field: t}).encode() + b"\n" for t in texts)
+    if compress:
+        import zstandard
+
+        data = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def train_autoencoder(ae, batches: np.ndarray, steps: int, lr: float = 2e-3, seed: int = 0,
+                      log_every: int = 0) -> list[float]:
+    """A plain AdamW loop on ae(ids).loss over random rows of `batches` [n, T]; returns the accuracies."""
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    accs = []
+    for step in range(steps):
+        rows = rng.integers(0, len(batches), size=min(16, len(batches)))
+        out = ae(torch.from_numpy(batches[rows].astype(np.int64)))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        accs.append(float(out.accuracy))
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  ae step {step + 1}: loss {out.loss.item():.3f} acc {accs[-1]:.4f}", flush=True)
+    ae.eval().requires_grad_(False)
+    return accs
