@@ -189,7 +189,7 @@ def _check_stopped(out, prompt, eos, pad, max_len):
 
 def test_calm_generation_stops_at_eos_and_strips_pads():
     v, k = 8, 4  # latent_dim 32 = K·V: the head's latent is read directly as logits
-    calm = _random_head(_tiny("calm", f"model.vocab_size={v}"), 3.0)
+    calm = _random_head(_tiny("calm", f"model.vocab_size={v}", f"model.latent_dim={k * v}"), 3.0)
     ae = LogitAE(k, v)
     eos, pad = calm.config.eos_token_id, calm.config.pad_token_id
     prompt = torch.tensor([5, 3, 7, 4, 6])  # 1-D, not a multiple of K
