@@ -1,8 +1,8 @@
 """The training loop: one readable step function, metrics as JSONL, optional features as callbacks.
 
-This is the single-process core (plain PyTorch AdamW). The DeepSpeed engine (ZeRO, bf16, pipeline)
-slots in behind the same `train_step` in the trainer issue; the loop, the per-architecture loss and
-the metrics stay as they are.
+The engine (`calm_pretrain.parallel.engine`: plain PyTorch, or DeepSpeed ZeRO under torchrun) owns
+backward and the optimizer step; the loop, the per-architecture loss and the metrics do not change
+with it. Checkpoint/resume, signals and the wandb/TensorBoard callbacks come with the trainer issue.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig
+from calm_pretrain.parallel.engine import TorchEngine
 from calm_pretrain.train.schedule import lr_for
 
 
@@ -27,16 +28,6 @@ def model_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     if isinstance(model.config, CALMConfig):
         return model(batch["ids"], batch["mu"], batch["log_sigma"]).loss, {}
     return model(batch["ids"]).loss, {}
-
-
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases). Fused kernels when on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=fused)
 
 
 class JSONLMetrics:
@@ -53,10 +44,11 @@ class JSONLMetrics:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, model: nn.Module, batches: Iterable[dict], out_dir: Path,
-                 callbacks: Iterable[Callable[[dict], None]] = (), log: Callable[[str], None] = print):
+                 callbacks: Iterable[Callable[[dict], None]] = (), log: Callable[[str], None] = print,
+                 engine=None):
         self.cfg, self.model = cfg, model
         self.batches: Iterator[dict] = iter(batches)
-        self.optimizer = build_optimizer(model, cfg)
+        self.engine = engine or TorchEngine(model, cfg)
         self.out_dir = Path(out_dir)
         self.metrics = JSONLMetrics(self.out_dir / "metrics.jsonl")
         self.callbacks = [self.metrics, *callbacks]
@@ -69,29 +61,25 @@ class Trainer:
         """One optimizer step: accumulate `grad_accum_steps` micro-batches, clip, update."""
         cfg = self.cfg.train
         lr = lr_for(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.model.train()
         total, extras, tokens = 0.0, {}, 0
         for _ in range(cfg.grad_accum_steps):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()
                      if isinstance(v, torch.Tensor)}
             loss, extra = model_loss(self.model, batch)
-            (loss / cfg.grad_accum_steps).backward()
+            self.engine.backward(loss)
             total += loss.item() / cfg.grad_accum_steps
             tokens += batch["ids"].numel()
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+        grad_norm = self.engine.step(lr, apply=math.isfinite(total))
         finite = math.isfinite(total) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
             self.nonfinite_in_a_row = 0
-        else:  # skip the update, keep the weights of the last good step
+        else:  # the engine skipped the update: the weights are those of the last good step
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}")
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"step": self.step, "loss": total, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
                 "skipped": not finite, **extras}
