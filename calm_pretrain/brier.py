@@ -158,7 +158,6 @@ def _calm_estimates(calm, ae, ids: torch.Tensor, max_n: int = 4, generator=None)
     if p < 1:
         raise ValueError(f"a block needs at least 2 chunks (got {t} tokens with K={k})")
     steps = -(-max_n // k)  # chunks an n-gram can span
-    length = steps * k
     device = ids.device
 
     starts = torch.arange(p, device=device)

@@ -70,7 +70,7 @@ def test_tiny_autoencoder_reconstructs_held_out_text(trained_ae, text_blocks):
 
 @pytest.mark.slow
 def test_tiny_calm_learns_and_its_brierlm_rises(trained_ae, text_blocks):
-    from calm_pretrain.brier import brier_lm, evaluate_brier
+    from calm_pretrain.brier import evaluate_brier
 
     train, held_out = text_blocks
     with torch.no_grad():
