@@ -35,6 +35,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from calm_pretrain.train.run import run_training
+
+    overrides = list(args.overrides)
+    if args.exit_after_minutes is not None:
+        overrides.append(f"train.exit_after_minutes={args.exit_after_minutes}")
+    return run_training(load_config(args.config, overrides))
+
+
+def cmd_release_info(args) -> int:
+    import json
+
+    from calm_pretrain.release import ReleaseError, release_info
+
+    try:
+        info = release_info(args.dir)
+    except ReleaseError as e:
+        print(f"release error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    w = info["weights"]
+    print(f"release {info['path']}: {info['architecture']} ({info['model_config']['arch']})")
+    print(f"  weights: {', '.join(w['files'])} ({w['format']}, {w['tensors']} tensors, {w['bytes'] / 1e6:,.1f} MB, "
+          f"{'/'.join(w['dtypes'])})")
+    print("  parameters (unique):")
+    for name, n in info["parameters"].items():
+        print(f"    {name:<24} {n:>15,}  ({n / 1e6:8.1f}M)")
+    if info["embedded_ae_parameters"] is not None:
+        n = info["embedded_ae_parameters"]
+        print(f"    {'embedded autoencoder':<24} {n:>15,}  ({n / 1e6:8.1f}M, ae_model.*)")
+    print(f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}")
+    print("  names and shapes match the config: " + ("yes" if info["consistent"] else f"NO: {info['problem']}"))
+    print("  config.json:")
+    for key, value in info["config"].items():
+        print(f"    {key}: {json.dumps(value)}")
+    return 0 if info["consistent"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calm-pretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,10 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
         p.set_defaults(func=fn)
+    p = sub.add_parser("train", help="train the autoencoder, CALM or the Transformer (torchrun/srun for DeepSpeed); "
+                       "resumes from the run directory's newest intact checkpoint; exit 75 = saved, requeue me")
+    _add_config_args(p)
+    p.add_argument("--exit-after-minutes", type=float, default=None,
+                   help="save and exit with the requeue code after this wall-clock budget")
+    p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="the main job: corpus → tokenizer → AE → latents → CALM + baseline → BrierLM, samples")
     p.add_argument("--run-dir", default="runs/demo", help="outputs; finished stages are reused on a re-run")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's training steps")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("release-info", help="print the config and parameter count of a release directory")
+    p.add_argument("dir", help="release directory (config.json + model.safetensors or pytorch_model.bin)")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    p.set_defaults(func=cmd_release_info)
     return parser
 
 

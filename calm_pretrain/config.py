@@ -70,13 +70,24 @@ class AutoencoderConfig:
 class HeadConfig:
     """The generative head of CALM (CALM_SPEC §2); `type` selects a head from the registry."""
 
-    type: str = "energy"
-    num_blocks: int = 4  # residual MLP blocks ("num_mlp_layers")
-    noise_size: int = 64
-    num_samples: int = 8  # N: head samples per position for the energy loss
+    type: str = "energy"  # energy | flow | diffusion | gmm | mse (models/heads.py HEADS)
+    num_blocks: int = 4  # residual MLP blocks ("num_mlp_layers"); the depth of every head's network
+    noise_size: int = 64  # energy head only
+    # energy: N head samples per position for the energy loss; flow, diffusion, gmm: posterior
+    # samples per position used as training targets (the reference trains on 8); mse: unused
+    num_samples: int = 8
+    # energy head only
     num_target_samples: int = 100  # M: posterior samples per position
     alpha: float = 1.0  # exponent of the distance in the energy score ("beta" in the reference)
     loss_chunk_positions: int = 1024  # positions per chunk in the fused energy loss (bounds memory)
+    # flow head: ODE solver steps (network evaluations = steps, ×2 for midpoint; reference: 20)
+    flow_steps: int = 10
+    flow_solver: str = "midpoint"  # euler | midpoint
+    # diffusion head: discrete training steps T of the cosine schedule, DDIM sampling steps S <= T
+    diffusion_train_steps: int = 1000
+    diffusion_steps: int = 100
+    # gmm head: mixture components
+    num_components: int = 8
 
     def validate(self, p: str) -> None:
         from calm_pretrain.models.heads import HEADS  # the registry is the source of truth
@@ -84,12 +95,23 @@ class HeadConfig:
         _check(self.type in HEADS, f"{p}.type", f"unknown head {self.type!r}; known: {sorted(HEADS)}")
         _check(self.num_blocks >= 1, f"{p}.num_blocks", "must be >= 1")
         _check(self.noise_size >= 1, f"{p}.noise_size", "must be >= 1")
-        _check(self.num_samples >= 2, f"{p}.num_samples",
-               f"must be >= 2 (the energy score's model-model term needs two samples), got {self.num_samples}")
+        if self.type == "energy":
+            _check(self.num_samples >= 2, f"{p}.num_samples",
+                   f"must be >= 2 (the energy score's model-model term needs two samples), got {self.num_samples}")
+            _check(0.0 < self.alpha < 2.0, f"{p}.alpha",
+                   f"must be in (0, 2) for a strictly proper energy score, got {self.alpha}")
+        else:
+            _check(self.num_samples >= 1, f"{p}.num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.num_target_samples >= 1, f"{p}.num_target_samples", "must be >= 1")
-        _check(0.0 < self.alpha < 2.0, f"{p}.alpha",
-               f"must be in (0, 2) for a strictly proper energy score, got {self.alpha}")
         _check(self.loss_chunk_positions >= 1, f"{p}.loss_chunk_positions", "must be >= 1")
+        _check(self.flow_steps >= 1, f"{p}.flow_steps", f"must be >= 1, got {self.flow_steps}")
+        _check(self.flow_solver in ("euler", "midpoint"), f"{p}.flow_solver",
+               f"must be 'euler' or 'midpoint', got {self.flow_solver!r}")
+        _check(self.diffusion_train_steps >= 2, f"{p}.diffusion_train_steps",
+               f"must be >= 2, got {self.diffusion_train_steps}")
+        _check(1 <= self.diffusion_steps <= self.diffusion_train_steps, f"{p}.diffusion_steps",
+               f"must be in [1, diffusion_train_steps = {self.diffusion_train_steps}], got {self.diffusion_steps}")
+        _check(self.num_components >= 1, f"{p}.num_components", f"must be >= 1, got {self.num_components}")
 
 
 @dataclass
@@ -196,14 +218,28 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     zero_stage: int = 1
-    activation_checkpointing: bool = False
+    offload_optimizer: bool = False  # optimizer state (and its step) on the CPU: ZeRO-Offload
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     log_every: int = 10
     eval_every: int = 1000
     save_every: int = 1000
     keep_last: int = 3
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
+    engine: str = "auto"  # auto (DeepSpeed under torchrun/srun, plain PyTorch in one process) | torch | deepspeed
+    exit_after_minutes: float = 0.0  # save and exit with the requeue code after this long (0 = never)
+    dist_timeout_minutes: float = 30.0  # collective timeout (NCCL/gloo): a hung rank fails the job after this
+    peak_flops: float = 0.0  # per-device peak for MFU; 0 = from the GPU model, or a measured matmul peak on CPU
+    wandb: str = "auto"  # auto (offline without WANDB_API_KEY) | online | offline | off
+    wandb_project: str = "calm-pretrain"
+    tensorboard: bool = False
 
     def validate(self, p: str) -> None:
+        _check(self.engine in ("auto", "torch", "deepspeed"), f"{p}.engine",
+               f"must be auto, torch or deepspeed, got {self.engine!r}")
+        _check(self.wandb in ("auto", "online", "offline", "off"), f"{p}.wandb",
+               f"must be auto, online, offline or off, got {self.wandb!r}")
+        _check(self.exit_after_minutes >= 0, f"{p}.exit_after_minutes", "must be >= 0")
+        _check(self.dist_timeout_minutes > 0, f"{p}.dist_timeout_minutes", "must be > 0")
         _check(self.lr_decay in ("constant", "cosine"), f"{p}.lr_decay",
                f"must be 'constant' or 'cosine', got {self.lr_decay!r}")
         _check(self.precision in ("auto", "bf16", "fp32"), f"{p}.precision",
@@ -319,7 +355,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on as a boolean
+            return "on" if value else "off"
+        if isinstance(value, (int, float)):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value

@@ -100,3 +100,25 @@ def train_autoencoder(ae, batches: np.ndarray, steps: int, lr: float = 2e-3, see
             print(f"  ae step {step + 1}: loss {out.loss.item():.3f} acc {accs[-1]:.4f}", flush=True)
     ae.eval().requires_grad_(False)
     return accs
+
+
+def write_latent_dataset(directory: str | Path, ids: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray, k: int = 4,
+                         vocab_size: int = 4096, latent_dtype: str = "bf16", ae_fingerprint: str = "test-ae") -> Manifest:
+    """Latent shards holding exactly ids [n, L·K] and posteriors mu/log_sigma [n, L, d] (one shard)."""
+    directory = Path(directory)
+    n, t = ids.shape
+    d = mu.shape[-1]
+    spec = ShardSpec("latents", t, token_dtype_for(vocab_size), k, d, latent_dtype)
+    path = directory / "latents-00000.arrow"
+    with ShardWriter(path, spec) as w:
+        w.add(ids, mu, log_sigma)
+        info = w.finish()
+    entry = ShardEntry(path.name, info.num_samples, info.num_samples * t, info.bytes, info.sha256, {"unit": 0})
+    write_done(path, entry)
+    tok = {"spec": "test", "type": "test", "fingerprint": "test-tokenizer", "vocab_size": vocab_size,
+           "bos_id": 1, "eos_id": 2, "pad_id": 0}
+    m = Manifest(kind="latents", layout="lm", k=k, seq_chunks=t // k, sample_tokens=t, token_dtype=spec.token_dtype,
+                 tokenizer=tok, shards=[entry], stats={}, job={"stage": "test"}, complete=True,
+                 latent={"latent_dim": d, "dtype": latent_dtype, "ae_fingerprint": ae_fingerprint})
+    write_manifest(m, directory)
+    return m

@@ -59,3 +59,37 @@ def run_distributed_test(fn, world_size: int, *args, timeout: float = 300) -> No
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         raise AssertionError(f"ranks exited with {bad}")
+
+
+def launch_ranks(world_size: int, argv: list[str], log_dir, env: dict | None = None) -> list:
+    """Start `python -m calm_pretrain.cli <argv>` as `world_size` rank processes (as torchrun or srun
+    would: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), each its own process group so a test can
+    signal or kill the whole run; output to log_dir/rank<r>.log."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for r in range(world_size):
+        rank_env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(r),
+                    "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+        out = open(log_dir / f"rank{r}.log", "a")
+        procs.append(subprocess.Popen([sys.executable, "-m", "calm_pretrain.cli", *argv], env=rank_env, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def wait_ranks(procs, timeout: float = 300) -> list[int]:
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except Exception:
+            for q in procs:
+                q.kill()
+            raise
+    return codes

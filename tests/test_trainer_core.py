@@ -42,14 +42,17 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     trainer = Trainer(cfg, model, _batches(), tmp_path, log=lambda s: None)
     trainer.fit(2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer_state = {k: v.clone() for k, v in trainer.engine.optimizer.state[model.lm_head.weight].items()}
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
     nan_weight = model.lm_head.weight.detach().clone()
-    record = trainer.train_step()
-    assert record["skipped"] and trainer.nonfinite_in_a_row == 1
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row at step 5"):
+        trainer.fit()
     torch.testing.assert_close(model.transformer.layers[0].mlp.up_proj.weight,
-                               before["transformer.layers.0.mlp.up_proj.weight"])  # no update applied
+                               before["transformer.layers.0.mlp.up_proj.weight"], rtol=0, atol=0)  # no update
     assert torch.equal(torch.isnan(model.lm_head.weight), torch.isnan(nan_weight))
-    trainer.train_step()
-    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
-        trainer.train_step()
+    for k, v in trainer.engine.optimizer.state[model.lm_head.weight].items():  # Adam moments untouched
+        assert torch.equal(v, optimizer_state[k]), k
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [False, False, True, True, True]
+    assert lines[-1]["nonfinite_total"] == 3

@@ -93,7 +93,11 @@ class Autoencoder(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg, self.encoder.embed_tokens.weight)
-        init_weights(self, cfg.init_std)
+        self.reset_parameters()
+
+    def reset_parameters(self, param_context=None) -> None:
+        """The published init; `param_context` as in `init_weights` (used by sharded builds)."""
+        init_weights(self, self.config.init_std, param_context)
 
     @property
     def k(self) -> int:

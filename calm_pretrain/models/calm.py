@@ -6,6 +6,7 @@ and evaluation/generation take the autoencoder as an argument.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,9 +35,15 @@ class CALM(nn.Module):
             nn.Linear(cfg.k * h, 2 * h), nn.SiLU(), nn.Linear(2 * h, h), nn.LayerNorm(h, eps=1e-6)
         )
         self.mlp_generator = build_head(h, cfg.latent_dim, cfg.head)
-        init_weights(self, cfg.init_std)
-        if hasattr(self.mlp_generator, "reset_output"):
-            self.mlp_generator.reset_output()
+        self.reset_parameters()
+
+    def reset_parameters(self, param_context=None) -> None:
+        """The published init; `param_context` as in `init_weights` (used by sharded builds)."""
+        init_weights(self, self.config.init_std, param_context)
+        if hasattr(self.mlp_generator, "reset_output"):  # the head is small: gather it whole
+            params = list(self.mlp_generator.parameters())
+            with param_context(params) if param_context else contextlib.nullcontext():
+                self.mlp_generator.reset_output()
 
     @property
     def k(self) -> int:

@@ -1,6 +1,8 @@
 """Building blocks shared by the autoencoder, the backbone and the heads."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,17 +40,27 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """Normal(0, std) for linears and embeddings, zero biases, unit norms (HF Llama's scheme)."""
+def init_weights(module: nn.Module, std: float, param_context=None) -> None:
+    """Normal(0, std) for linears and embeddings, zero biases, unit norms (HF Llama's scheme).
+
+    ``param_context(params)``, when given, wraps the initialisation of each module's own parameters
+    (a sharded build gathers them only for that moment); the order of random draws is the same.
+    """
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-        elif isinstance(m, (RMSNorm, nn.LayerNorm)):
-            if getattr(m, "weight", None) is not None:
-                nn.init.ones_(m.weight)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+        with _context(param_context, m):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                if getattr(m, "weight", None) is not None:
+                    nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+
+def _context(param_context, module: nn.Module):
+    params = list(module.parameters(recurse=False))
+    return param_context(params) if param_context is not None and params else contextlib.nullcontext()

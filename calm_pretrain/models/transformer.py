@@ -27,7 +27,11 @@ class TransformerLM(nn.Module):
         self.config = cfg
         self.transformer = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.init_std)
+        self.reset_parameters()
+
+    def reset_parameters(self, param_context=None) -> None:
+        """The published init; `param_context` as in `init_weights` (used by sharded builds)."""
+        init_weights(self, self.config.init_std, param_context)
 
     def logits(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         return self.lm_head(self.transformer(self.transformer.embed_tokens(ids), cache))

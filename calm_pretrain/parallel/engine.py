@@ -1,20 +1,29 @@
-"""Engines: what owns backward and the optimizer step. The training loop talks only to this interface.
+"""Engines: what owns forward, backward, the optimizer step and the engine's share of a checkpoint.
 
 * :class:`TorchEngine` — one process, plain PyTorch AdamW (the bare baseline and the fallback).
 * :class:`DeepSpeedEngine` — DeepSpeed's engine: ZeRO stage 0-3, gradient accumulation, clipping,
-  AdamW, bf16 on GPU (fp32 on CPU). Tensor and pipeline parallelism come in through the same class
-  (a megatron-core plan applied to the model first, a PipelineModule instead of the model).
+  AdamW (apex's fused AdamW when importable), bf16 on GPU (fp32 on CPU), optional CPU offload of
+  the optimizer state. Tensor and pipeline parallelism come in through the same class (a megatron-core
+  plan applied to the model first, a PipelineModule instead of the model).
 
-Both expose: ``forward``-through ``module``, ``backward(loss)`` (loss of one micro-batch, unscaled),
-``step(lr, apply) -> grad_norm`` at the end of an accumulation window (``apply=False`` drops the
-window's gradients and keeps the weights).
+The training loop talks only to this interface:
+  ``engine(*inputs)``  forward (through DeepSpeed's engine, whose forward hooks ZeRO-3 needs to count
+                       micro-steps: calling the bare module silently keeps only the last micro-batch's
+                       gradient under ZeRO-3 with accumulation);
+  ``backward(loss)``   loss of one micro-batch, unscaled;
+  ``step(lr) -> (grad_norm, applied)``  at the end of an accumulation window: clip, update; a window
+                       whose gradient norm is not finite is dropped without touching weights or
+                       optimizer state (``applied`` False) — on every rank alike, as the norm is global;
+  ``save(dir)`` / ``load(dir)``  model and optimizer state (each rank writes its own partition).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -25,52 +34,91 @@ from calm_pretrain.config import RunConfig
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on norms and biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # Under ZeRO-3 a parameter's local tensor is empty; its true shape is ds_shape.
+    ndim = [len(getattr(p, "ds_shape", p.shape)) for p in params]
+    return [{"params": [p for p, d in zip(params, ndim) if d >= 2], "weight_decay": weight_decay},
+            {"params": [p for p, d in zip(params, ndim) if d < 2], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW: apex's fused kernel when importable and on GPU, torch's fused one on GPU, else torch's."""
+    t = cfg.train
+    groups = _param_groups(model, t.weight_decay)
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    if on_gpu:
+        try:
+            from apex.optimizers import FusedAdam  # type: ignore
+
+            return FusedAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), adam_w_mode=True)
+        except Exception:  # noqa: BLE001 - apex is optional and often half-installed
+            pass
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=on_gpu and not t.offload_optimizer)
 
 
 class TorchEngine:
     def __init__(self, model: nn.Module, cfg: RunConfig):
         self.module, self.cfg = model, cfg
-        fused = all(p.is_cuda for p in model.parameters())
-        self.optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                           betas=(cfg.train.beta1, cfg.train.beta2), fused=fused)
+        self.optimizer = build_optimizer(model, cfg)
+
+    def __call__(self, *inputs, **kwargs):
+        return self.module(*inputs, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum_steps).backward()
 
-    def step(self, lr: float, apply: bool = True) -> float:
+    def step(self, lr: float) -> tuple[float, bool]:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip).item()
-        if apply and math.isfinite(grad_norm):
+        applied = math.isfinite(grad_norm)
+        if applied:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, applied
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   path / "engine.pt")
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / "engine.pt", map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
     """The DeepSpeed JSON for a run: every value comes from the RunConfig."""
     t = cfg.train
     bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    # Checkpoints keep DeepSpeed's default (rigid) layout: the universal converter, which a resume at
+    # another data-parallel size goes through, reads that layout only.
+    zero = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp,
         "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": bf16},
-        "zero_optimization": {"stage": t.zero_stage},
+        # A non-finite gradient norm drops the step instead of writing NaNs into the weights.
+        "bf16": {"enabled": bf16, "check_grad_overflow": True} if bf16 else {"enabled": False},
+        "zero_optimization": zero,
         # DeepSpeed's own CPU Adam is a C++ op compiled on first use; torch's AdamW needs no build.
         "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes (gloo on CPU, nccl on GPU); (rank, world_size)."""
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """Join the process group torchrun/srun describes (gloo on CPU, nccl on GPU); (rank, world_size)."""
     if "RANK" not in os.environ:
         return 0, 1
+    import datetime
+
     import deepspeed
 
     if not torch.cuda.is_available():
@@ -79,9 +127,35 @@ def init_distributed() -> tuple[int, int]:
         # (Patched through sys.modules: the module object differs from what a plain import returns.)
         import deepspeed.comm.torch  # noqa: F401
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def build_model_sharded(cfg: RunConfig, build: Callable[[], nn.Module], world_size: int) -> nn.Module:
+    """Build the model so that under ZeRO-3 no rank ever holds all of it.
+
+    Under ZeRO-3 the modules are constructed inside ``deepspeed.zero.Init`` (each parameter is split
+    across ranks as soon as its module exists), then initialised module by module, each leaf's
+    parameters gathered only while it is initialised: the same values, in the same RNG order, as an
+    unsharded build.
+    """
+    if cfg.train.zero_stage != 3:
+        return build()
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size, torch.cuda.is_available())
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build()
+
+    def gathered(params):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0) if params else contextlib.nullcontext()
+
+    model.reset_parameters(param_context=gathered)
+    return model
 
 
 class DeepSpeedEngine:
@@ -90,11 +164,13 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         world_size = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                      betas=(cfg.train.beta1, cfg.train.beta2))
+        self.ds_config = deepspeed_config(cfg, world_size, torch.cuda.is_available())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, torch.cuda.is_available()))
+            model=model, optimizer=build_optimizer(model, cfg), config=self.ds_config)
         self.module = self.engine.module
+
+    def __call__(self, *inputs, **kwargs):
+        return self.engine(*inputs, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         """DeepSpeed divides by the accumulation steps itself and must see one step() per micro-batch
@@ -103,12 +179,65 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def step(self, lr: float, apply: bool = True) -> float:
+    def step(self, lr: float) -> tuple[float, bool]:
         """End of the accumulation window: clip, update (DeepSpeed does both), return the grad norm."""
-        if not apply:
-            raise FloatingPointError("non-finite loss under DeepSpeed: skipping the step is not supported yet")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.cfg.train.zero_stage == 0:
+            # Without a ZeRO optimizer DeepSpeed does not check the norm: gradients that are not finite
+            # are dropped here, and the optimizer then skips parameters without a gradient.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+            if not torch.isfinite(norm):
+                for p in self.module.parameters():
+                    p.grad = None
+                self.engine.step()
+                return float("nan"), False
         self.engine.step()
+        applied = self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if not applied or norm is None:
+            return float("nan"), applied
+        return float(norm), applied
+
+    def save(self, path: Path) -> None:
+        """Each rank writes its partition of the model and optimizer state under `path`."""
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+        try:
+            self._load(path)
+        except ZeRORuntimeException as e:
+            if "world size" not in str(e):
+                raise
+            self._load(self._universal_copy(path), universal=True)
+
+    def _load(self, path: Path, universal: bool = False) -> None:
+        self.engine._config.load_universal_checkpoint = universal
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False, load_module_strict=True)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if load_path is None:
+            raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
+
+    def _universal_copy(self, path: Path) -> Path:
+        """The checkpoint was written at another data-parallel size: convert it (once, on rank 0) to
+        DeepSpeed's universal format, whose per-parameter optimizer state any DP size can load."""
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        from calm_pretrain.parallel.distributed import barrier, rank
+
+        out = path.with_name(path.name + "_universal")
+        if rank() == 0 and not (out / "zero").is_dir():
+            tmp = path.with_name(out.name + ".partial")
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=str(path), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                keep_temp_folder=False, strict=True, inject_missing_state=True))
+            os.replace(tmp, out)
+        barrier()
+        return out

@@ -1,107 +1,269 @@
-"""The training loop: one readable step function, metrics as JSONL, optional features as callbacks.
+"""The training loop: one readable step function, checkpoints, preemption, metrics through callbacks.
 
 The engine (`calm_pretrain.parallel.engine`: plain PyTorch, or DeepSpeed ZeRO under torchrun) owns
-backward and the optimizer step; the loop, the per-architecture loss and the metrics do not change
-with it. Checkpoint/resume, signals and the wandb/TensorBoard callbacks come with the trainer issue.
+forward, backward and the optimizer step; the loop, the per-architecture loss, checkpointing and the
+metrics do not change with it. Everything with state exposes ``state_dict`` / ``load_state_dict``:
+the trainer's own (step, counters) goes into ``trainer_state.json`` together with the loader's.
 """
 from __future__ import annotations
 
 import json
-import math
+import resource
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig
+from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
+from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, read_trainer_state
 from calm_pretrain.train.schedule import lr_for
+from calm_pretrain.train.signals import StopRequest
 
 
-def model_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+def model_loss(config, forward: Callable, batch: dict) -> tuple[torch.Tensor, dict]:
     """The training loss of any architecture on a loader batch, and what to log beside it."""
-    if isinstance(model.config, AutoencoderConfig):
-        out = model(batch["ids"])
+    if isinstance(config, AutoencoderConfig):
+        out = forward(batch["ids"])
         return out.loss, {"ce": out.ce.item(), "kl": out.kl.item(), "accuracy": out.accuracy.item()}
-    if isinstance(model.config, CALMConfig):
-        return model(batch["ids"], batch["mu"], batch["log_sigma"]).loss, {}
-    return model(batch["ids"]).loss, {}
+    if isinstance(config, CALMConfig):
+        return forward(batch["ids"], batch["mu"], batch["log_sigma"]).loss, {}
+    return forward(batch["ids"]).loss, {}
 
 
-class JSONLMetrics:
-    """Appends one JSON object per logged step; the source of truth for tests and sweeps."""
+def model_signature(model: nn.Module) -> dict:
+    """Architecture and every parameter's shape: what must not change across a resume."""
+    shapes = {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    return {"arch": model.config.arch, "parameters": shapes}
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+def signature_changes(saved: dict, now: dict, limit: int = 5) -> list[str]:
+    changes = []
+    if saved["arch"] != now["arch"]:
+        changes.append(f"model.arch {saved['arch']} -> {now['arch']}")
+    a, b = saved["parameters"], now["parameters"]
+    changes += [f"{n}: {a[n]} -> {b[n]}" for n in a if n in b and a[n] != b[n]]
+    changes += [f"{n}: missing now" for n in a if n not in b]
+    changes += [f"{n}: new" for n in b if n not in a]
+    return changes[:limit] + ([f"... {len(changes) - limit} more"] if len(changes) > limit else [])
+
+
+class Callback:
+    """Optional features hook in here; every rank calls every hook (collectives are allowed)."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", record: dict) -> None: ...
+
+    def on_log(self, trainer: "Trainer", record: dict) -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+class JSONLMetrics(Callback):
+    """One JSON object per logged step (rank 0); the source of truth for tests and sweeps.
+
+    On resume, records of steps after the checkpoint (computed again) are dropped first, so the file
+    holds each step once, as if the run had never stopped.
+    """
+
+    def __init__(self, path: Path, rank: int = 0):
+        self.path, self.rank = Path(path), rank
+
+    def truncate_after(self, step: int) -> None:
+        if self.rank != 0 or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        tmp.replace(self.path)
+
+    def on_log(self, trainer, record: dict) -> None:
+        if self.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated device memory on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, model: nn.Module, batches: Iterable[dict], out_dir: Path,
-                 callbacks: Iterable[Callable[[dict], None]] = (), log: Callable[[str], None] = print,
-                 engine=None):
+    def __init__(self, cfg: RunConfig, model: nn.Module, batches: Iterable[dict], out_dir: Path, *,
+                 engine=None, callbacks: Iterable[Callback] = (), log: Callable[[str], None] = print,
+                 checkpointer: Optional[Checkpointer] = None, stop: Optional[StopRequest] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, flops_per_token: float = 0.0, peak_flops: float = 0.0):
         self.cfg, self.model = cfg, model
-        self.batches: Iterator[dict] = iter(batches)
+        self.loader = batches
+        self.batches = iter(batches)
         self.engine = engine or TorchEngine(model, cfg)
         self.out_dir = Path(out_dir)
-        self.metrics = JSONLMetrics(self.out_dir / "metrics.jsonl")
+        self.rank = dist.rank() if rank is None else rank
+        self.world_size = dist.world_size() if world_size is None else world_size
+        self.metrics = JSONLMetrics(self.out_dir / "metrics.jsonl", self.rank)
         self.callbacks = [self.metrics, *callbacks]
-        self.log = log
+        self.log = log if self.rank == 0 else (lambda s: None)
+        self.checkpointer, self.stop = checkpointer, stop
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.tokens_seen = 0
+        self.exit_reason = "running"
         self.device = next(model.parameters()).device
 
+    # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
-        """One optimizer step: accumulate `grad_accum_steps` micro-batches, clip, update."""
+        """Accumulate `grad_accum_steps` micro-batches, clip, update; skip the update if not finite."""
         cfg = self.cfg.train
         lr = lr_for(self.step, cfg)
         self.model.train()
-        total, extras, tokens = 0.0, {}, 0
+        loss_sum, extras, tokens = 0.0, {}, 0
         for _ in range(cfg.grad_accum_steps):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()
                      if isinstance(v, torch.Tensor)}
-            loss, extra = model_loss(self.model, batch)
+            loss, extra = model_loss(self.model.config, self.engine, batch)
             self.engine.backward(loss)
-            total += loss.item() / cfg.grad_accum_steps
+            loss_sum += loss.item() / cfg.grad_accum_steps
             tokens += batch["ids"].numel()
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum_steps
-        grad_norm = self.engine.step(lr, apply=math.isfinite(total))
-        finite = math.isfinite(total) and math.isfinite(grad_norm)
-        if finite:
+        grad_norm, applied = self.engine.step(lr)  # the norm is global: every rank decides alike
+        if applied:
             self.nonfinite_in_a_row = 0
-        else:  # the engine skipped the update: the weights are those of the last good step
+        else:  # the engine dropped the gradients: the weights are those of the last good step
             self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}")
+            self.nonfinite_total += 1
         self.step += 1
-        return {"step": self.step, "loss": total, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
-                "skipped": not finite, **extras}
+        return {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+                "skipped": not applied, **extras}
 
+    def _agree(self, record: dict) -> bool:
+        """One all-reduce per step: mean loss and extras over ranks, global tokens, and the stop vote."""
+        keys = ["loss", *sorted(k for k in ("ce", "kl", "accuracy") if k in record)]
+        stop_vote = float(self.stop.requested()) if self.stop else 0.0
+        sums = dist.all_reduce_sum([record[k] for k in keys] + [record["tokens"], stop_vote])
+        for k, v in zip(keys, sums):
+            record[k] = v / self.world_size
+        record["tokens"] = int(sums[len(keys)])
+        return sums[-1] > 0
+
+    # ---- the loop ----------------------------------------------------------------------------
     def fit(self, max_steps: Optional[int] = None) -> list[dict]:
-        max_steps = max_steps or self.cfg.train.max_steps
-        history = []
-        start = time.perf_counter()
-        tokens_seen = 0
+        cfg = self.cfg.train
+        max_steps = max_steps or cfg.max_steps
+        history: list[dict] = []
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        start, start_tokens = time.perf_counter(), self.tokens_seen
+        self.exit_reason = "running"
         while self.step < max_steps:
             t0 = time.perf_counter()
             record = self.train_step()
+            stop = self._agree(record)
             record["step_time"] = time.perf_counter() - t0
-            tokens_seen += record["tokens"]
+            self.tokens_seen += record["tokens"]
             record["tokens_per_s"] = record["tokens"] / max(record["step_time"], 1e-9)
+            if self.flops_per_token and self.peak_flops:
+                record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world_size)
+            record["memory_gb"] = peak_memory_gb(self.device)
+            record["nonfinite_total"] = self.nonfinite_total
+            if hasattr(self.loader, "consumed_samples"):
+                record["consumed_samples"] = self.loader.consumed_samples
             history.append(record)
-            if self.step % self.cfg.train.log_every == 0 or self.step == max_steps:
+            for cb in self.callbacks:
+                cb.on_step_end(self, record)
+            evaluated = any(k.startswith("eval/") for k in record)
+            if self.step % cfg.log_every == 0 or self.step == max_steps or stop or record["skipped"] or evaluated:
                 for cb in self.callbacks:
-                    cb(record)
-                elapsed = time.perf_counter() - start
-                self.log(f"[{self.cfg.name}] step {self.step}/{max_steps} loss {record['loss']:.4f} "
-                         f"lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
-                         f"{tokens_seen / elapsed:,.0f} tok/s"
-                         + (f" acc {record['accuracy']:.4f}" if "accuracy" in record else ""))
+                    cb.on_log(self, record)
+                self._print(record, max_steps, (self.tokens_seen - start_tokens) / (time.perf_counter() - start))
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                self.exit_reason = "nonfinite"
+                raise FloatingPointError(
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step} (train.max_nonfinite_steps="
+                    f"{cfg.max_nonfinite_steps}); the last good checkpoint is kept unchanged")
+            if self.checkpointer and (stop or self.step % cfg.save_every == 0 or self.step == max_steps):
+                self.save_checkpoint()
+            if stop:
+                self.exit_reason = "preempted"
+                break
+        else:
+            self.exit_reason = "completed"
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         return history
+
+    def _print(self, r: dict, max_steps: int, tok_per_s: float) -> None:
+        self.log(f"[{self.cfg.name}] step {r['step']}/{max_steps} loss {r['loss']:.4f} lr {r['lr']:.2e} "
+                 f"grad_norm {r['grad_norm']:.3f} {tok_per_s:,.0f} tok/s"
+                 + (f" mfu {100 * r['mfu']:.1f}%" if "mfu" in r else "")
+                 + (f" acc {r['accuracy']:.4f}" if "accuracy" in r else "")
+                 + (" SKIPPED (non-finite)" if r["skipped"] else ""))
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "tokens_seen": self.tokens_seen,
+                 "model_signature": model_signature(self.model), "config": self.cfg.to_dict()}
+        if hasattr(self.loader, "state_dict"):
+            state["loader"] = self.loader.state_dict()
+            state["consumed_samples"] = self.loader.consumed_samples
+            state["data_fingerprint"] = self.loader.data_fingerprint
+            state["data"] = [str(m.path) for m in self.loader.manifests]
+        return state
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        changes = signature_changes(state["model_signature"], model_signature(self.model))
+        if changes:
+            raise CheckpointError(f"{source}: the model changed since it was saved, refusing to resume: "
+                                  + "; ".join(changes))
+        if "loader" in state:
+            if not hasattr(self.loader, "load_state_dict"):
+                raise CheckpointError(f"{source}: holds a data-loader position but this run's data has none")
+            if state["data_fingerprint"] != self.loader.data_fingerprint:
+                now = [str(m.path) for m in self.loader.manifests]
+                raise CheckpointError(
+                    f"{source}: the training data changed since it was saved, refusing to resume "
+                    f"(data fingerprint {state['data_fingerprint']} -> {self.loader.data_fingerprint}; "
+                    f"data.train was {state['data']}, now {now}: other shards, contents or blend weights)")
+            self.loader.load_state_dict(state["loader"])
+            old_dp = state["loader"]["dp_world_size"]
+            if old_dp != self.loader.dp_world_size:
+                self.log(f"resuming at data-parallel size {self.loader.dp_world_size} (was {old_dp}): same global "
+                         f"sample order, continuing at sample {self.loader.consumed_samples:,}")
+        self.step = state["step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.tokens_seen = state.get("tokens_seen", 0)
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.step, self.engine, self.state_dict())
+
+    def resume(self) -> Optional[Path]:
+        """Continue from the newest intact checkpoint, if there is one; returns its path."""
+        if self.checkpointer is None:
+            return None
+        path = self.checkpointer.find_resumable()
+        if path is None:
+            return None
+        state = read_trainer_state(path)
+        self.load_state_dict(state, source=str(path))  # refuses changed models or data before any loading
+        self.engine.load(path / "engine")
+        exact = self.checkpointer.load_rng(path) and state["world_size"] == self.world_size
+        self.metrics.truncate_after(self.step)
+        self.log(f"resumed from {path} at step {self.step}"
+                 + ("" if exact else f" (world size {state['world_size']} -> {self.world_size}: RNG streams differ)"))
+        return path

@@ -1,0 +1,194 @@
+"""Checkpoints: complete and verified before `latest` names them, the last k kept, damage detected.
+
+Layout of a run directory's ``checkpoints/``::
+
+    step_00001000/
+      engine/                 the engine's files (DeepSpeed: every rank's model/optimizer partition)
+      rng/rank_00000.pt ...   every rank's RNG states (torch, CUDA, numpy, python)
+      trainer_state.json      step, consumed samples, loader state, data fingerprint, model signature,
+                              the resolved config
+      manifest.json           size and SHA-256 of every file above; written last
+    latest                    the name of the newest complete checkpoint (replaced atomically)
+
+A save goes to ``step_N.partial/`` and is renamed to ``step_N/`` only after every rank finished
+writing and rank 0 wrote the manifest; ``latest`` is replaced after that. A save killed half-way
+therefore leaves a ``.partial`` directory (removed by the next save) and never touches the previous
+checkpoint. On resume the manifest is checked (sizes and checksums); a damaged checkpoint is reported
+by name and the newest intact one before it is used instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
+from data_pipeline.files import atomic_write_bytes, fsync_dir, sha256_file
+
+CHECKPOINT_VERSION = 1
+LATEST = "latest"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---- RNG states ------------------------------------------------------------------------------
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ---- files -----------------------------------------------------------------------------------
+def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
+    """None if `path` is a complete, intact checkpoint; otherwise what is wrong with it."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable manifest.json ({e})"
+    for rel, (size, digest) in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            return f"missing file {rel}"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {size}"
+        if checksums and sha256_file(f) != digest:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under ``root``; every rank calls every method (collectives inside)."""
+
+    def __init__(self, root: Path, keep_last: int = 3, rank: int = 0, world_size: int = 1,
+                 log: Callable[[str], None] = print):
+        self.root, self.keep_last = Path(root), keep_last
+        self.rank, self.world_size, self.log = rank, world_size, log
+
+    # ---- saving ------------------------------------------------------------------------------
+    def save(self, step: int, engine, trainer_state: dict) -> Path:
+        final = self.root / step_dir_name(step)
+        partial = final.with_name(final.name + ".partial")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.partial"):  # left by a save that was killed
+                shutil.rmtree(stale)
+            if final.exists():  # the same step saved before a preemption: replace it
+                shutil.rmtree(final)
+            (partial / "rng").mkdir(parents=True)
+        barrier()
+        t0 = time.perf_counter()
+        engine.save(partial / "engine")
+        torch.save(rng_state(), partial / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            state = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size, **trainer_state}
+            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        barrier()
+        # Every rank checksums a share of the files (each file once), rank 0 writes the manifest.
+        files = sorted(p for p in partial.rglob("*") if p.is_file())
+        mine = {str(p.relative_to(partial)): (p.stat().st_size, sha256_file(p))
+                for i, p in enumerate(files) if i % self.world_size == self.rank}
+        entries = {}
+        for part in all_gather_object(mine):
+            entries.update(part)
+        if self.rank == 0:
+            manifest = {"version": CHECKPOINT_VERSION, "step": step, "files": entries,
+                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write_bytes(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+            os.replace(partial, final)
+            fsync_dir(self.root)
+            atomic_write_bytes(self.root / LATEST, (final.name + "\n").encode())
+            self._prune()
+            size = sum(s for s, _ in entries.values())
+            self.log(f"checkpoint {final} saved ({len(entries)} files, {size / 2**20:.1f} MiB, "
+                     f"{time.perf_counter() - t0:.1f}s)")
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete_checkpoints()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old)
+
+    # ---- finding -----------------------------------------------------------------------------
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoint directories with a manifest, oldest first."""
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
+                and (p / MANIFEST).is_file()]
+        return sorted(dirs, key=lambda p: p.name)
+
+    def find_resumable(self) -> Optional[Path]:
+        """The checkpoint to resume from: the one `latest` names if intact, else the newest intact one.
+
+        Rank 0 verifies and broadcasts its choice, so every rank loads the same checkpoint.
+        """
+        choice = None
+        if self.rank == 0:
+            choice = self._choose()
+        choice = broadcast_object(choice)
+        return Path(choice) if choice else None
+
+    def _choose(self) -> Optional[str]:
+        candidates = list(reversed(self.complete_checkpoints()))
+        latest = self.root / LATEST
+        if latest.is_file():
+            named = self.root / latest.read_text().strip()
+            if named in candidates:  # try what `latest` names first
+                candidates.remove(named)
+                candidates.insert(0, named)
+        damaged = []
+        for path in candidates:
+            problem = verify_checkpoint(path)
+            if problem is None:
+                if damaged:
+                    self.log(f"WARNING: resuming from {path} instead: " + "; ".join(damaged))
+                return str(path)
+            damaged.append(f"checkpoint {path} is damaged ({problem})")
+        if damaged:
+            raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(damaged))
+        return None
+
+    def load_rng(self, path: Path) -> bool:
+        """Restore this rank's RNG states; False when the checkpoint has none for this rank."""
+        f = path / "rng" / f"rank_{self.rank:05d}.pt"
+        if not f.is_file():
+            return False
+        set_rng_state(torch.load(f, weights_only=True))
+        return True

@@ -1,0 +1,177 @@
+"""`calm-pretrain train`: one entry for the autoencoder, CALM and the Transformer baseline.
+
+Launched directly (one process, plain PyTorch) or by torchrun / srun (DeepSpeed ZeRO over all ranks).
+The run directory (``train.output_dir``) holds the resolved config, ``metrics.jsonl`` and
+``checkpoints/``; launching the same command again resumes from its newest intact checkpoint.
+Exit codes: 0 finished, REQUEUE_EXIT_CODE (75) saved on a signal or time budget, 1 failed.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig, dump_config
+from calm_pretrain.flops import training_flops_per_token
+from calm_pretrain.models import build_model, count_parameters
+from calm_pretrain.parallel.distributed import all_gather_object
+from calm_pretrain.parallel.engine import DeepSpeedEngine, TorchEngine, build_model_sharded, init_distributed
+from calm_pretrain.parallel.plan import apply_activation_checkpointing, mark_zero3_leaves
+from calm_pretrain.train.callbacks import EvalCallback, TensorBoardCallback, WandbCallback
+from calm_pretrain.train.checkpoint import Checkpointer
+from calm_pretrain.train.hardware import peak_flops
+from calm_pretrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
+from calm_pretrain.train.trainer import Trainer
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def data_expectations(cfg: RunConfig) -> dict:
+    """What the shards must have been made for: the loader refuses anything else, naming the file."""
+    m = cfg.model
+    if isinstance(m, CALMConfig):
+        expect = {"k": m.k, "latent_dim": m.latent_dim, "sample_tokens": cfg.data.seq_chunks * m.k}
+        if m.ae_path:
+            from data_pipeline.ae_io import autoencoder_fingerprint
+
+            expect["ae_fingerprint"] = autoencoder_fingerprint(m.ae_path)
+        return expect
+    if isinstance(m, AutoencoderConfig):
+        return {"k": m.k, "sample_tokens": cfg.data.seq_chunks * m.k}
+    return {"sample_tokens": cfg.data.seq_chunks}
+
+
+def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int):
+    from data_pipeline.loader import ShardLoader
+
+    if not cfg.data.train:
+        raise ValueError("data.train: no training shards given (a list of shard directories)")
+    t = cfg.train
+    return ShardLoader(cfg.data.train, cfg.data.weights or None,
+                       global_batch_size=t.micro_batch_size * t.grad_accum_steps * dp_world_size,
+                       micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
+                       seed=cfg.data.seed, expect=data_expectations(cfg), pin_memory=True)
+
+
+def build_evaluator(cfg: RunConfig) -> Optional[Callable]:
+    """The periodic evaluation of `data.eval` (held-out token shards): AE reconstruction accuracy
+    (clean and with σ=0.3 latent noise), or BrierLM for CALM (needs `model.ae_path`) and the Transformer."""
+    if not cfg.data.eval:
+        return None
+    from data_pipeline.loader import ShardLoader
+
+    with ShardLoader(cfg.data.eval, global_batch_size=1, seed=0, prefetch=0) as loader:
+        n = min(cfg.eval.max_blocks or 16, loader.samples_per_epoch)
+        blocks = [next(loader)["ids"] for _ in range(n)]
+    if isinstance(cfg.model, AutoencoderConfig):
+        def evaluate(model):
+            gen = torch.Generator().manual_seed(0)
+            device = next(model.parameters()).device
+            correct = noisy = total = 0
+            for ids in blocks:
+                ids = ids.to(device)
+                mu, _ = model.encode(ids)
+                correct += (model.decode(mu).argmax(-1) == ids).sum().item()
+                noise = 0.3 * torch.randn(mu.shape, generator=gen).to(device)
+                noisy += (model.decode(mu + noise).argmax(-1) == ids).sum().item()
+                total += ids.numel()
+            return {"accuracy": correct / total, "accuracy_noise_0.3": noisy / total}
+        return evaluate
+    from calm_pretrain.brier import evaluate_brier
+
+    ae = None
+    if isinstance(cfg.model, CALMConfig):
+        if not cfg.model.ae_path:
+            raise ValueError("data.eval is set for a CALM run but model.ae_path is not: BrierLM needs the autoencoder")
+        from data_pipeline.ae_io import load_autoencoder
+
+        ae = load_autoencoder(cfg.model.ae_path).to(_device()).eval()
+
+    def evaluate(model):
+        scores = evaluate_brier(model, blocks, ae=ae, generator=torch.Generator().manual_seed(0))
+        return {k: v for k, v in scores.items() if k == "brierlm" or k.startswith("brier_")}
+    return evaluate
+
+
+def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
+    rank, world_size = init_distributed(cfg.train.dist_timeout_minutes)
+    use_deepspeed = cfg.train.engine == "deepspeed" or (cfg.train.engine == "auto" and "RANK" in os.environ)
+    if world_size > 1 and not use_deepspeed:
+        raise ValueError("train.engine=torch runs in one process only; launch without torchrun or use deepspeed")
+    device = _device()
+    dp_rank, dp_world = rank, world_size  # TP/PP groups slot in here (parallel.tensor / pipeline)
+    out = Path(cfg.train.output_dir)
+    say = log if rank == 0 else (lambda s: None)
+
+    # One line per rank: who it is, where it runs, and which groups it belongs to.
+    line = (f"rank {rank}/{world_size} host {socket.gethostname()} pid {os.getpid()} device {device} "
+            f"local_rank {os.environ.get('LOCAL_RANK', 0)} dp {dp_rank}/{dp_world} "
+            f"tp 0/{cfg.parallel.tensor} pp 0/{cfg.parallel.pipeline}")
+    print(line, flush=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    ranks = all_gather_object(line)
+    if rank == 0:
+        (out / "ranks.txt").write_text("\n".join(ranks) + "\n")
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    with torch.device(device):
+        model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size) if use_deepspeed \
+            else build_model(cfg.model)
+    if cfg.train.activation_checkpointing:
+        say(f"activation checkpointing on {apply_activation_checkpointing(model)} blocks")
+    if use_deepspeed and cfg.train.zero_stage == 3:
+        mark_zero3_leaves(model)
+    # Noise (energy-head samples, AE masking) differs between data-parallel ranks; checkpoints keep it.
+    torch.manual_seed(cfg.train.seed * 1_000_003 + dp_rank)
+
+    loader = build_loader(cfg, dp_rank, dp_world)
+    engine = DeepSpeedEngine(model, cfg, world_size) if use_deepspeed else TorchEngine(model, cfg)
+    if not use_deepspeed:
+        engine.module.to(device)
+
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    peak, peak_source = peak_flops(device, bf16, cfg.train.peak_flops)
+    context = cfg.data.seq_chunks
+    flops = training_flops_per_token(cfg.model, context).total
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    say(f"[{cfg.name}] {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token; "
+        f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source}); engine "
+        f"{'DeepSpeed ZeRO-' + str(cfg.train.zero_stage) if use_deepspeed else 'torch'}; world size {world_size}")
+
+    callbacks = []
+    if cfg.train.wandb != "off":
+        callbacks.append(WandbCallback(out, cfg.to_dict(), cfg.train.wandb_project, cfg.name, cfg.train.wandb, rank))
+    if cfg.train.tensorboard:
+        callbacks.append(TensorBoardCallback(out / "tensorboard", rank))
+    evaluate = build_evaluator(cfg)
+    if evaluate is not None:
+        callbacks.append(EvalCallback(evaluate, cfg.train.eval_every))
+
+    stop = StopRequest(cfg.train.exit_after_minutes, log=log)
+    trainer = Trainer(cfg, engine.module, loader, out, engine=engine, callbacks=callbacks, log=log,
+                      checkpointer=Checkpointer(out / "checkpoints", cfg.train.keep_last, rank, world_size, log=say),
+                      stop=stop, rank=rank, world_size=world_size, flops_per_token=flops, peak_flops=peak)
+    try:
+        trainer.resume()
+        if trainer.step >= cfg.train.max_steps:
+            say(f"[{cfg.name}] already trained to step {trainer.step} (train.max_steps={cfg.train.max_steps})")
+            return 0
+        trainer.fit()
+    finally:
+        stop.close()
+        loader.close()
+    if trainer.exit_reason == "preempted":
+        say(f"[{cfg.name}] saved at step {trainer.step}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
+        return REQUEUE_EXIT_CODE
+    say(f"[{cfg.name}] finished: step {trainer.step}, {count_parameters(model)['total'] if not use_deepspeed else n_params:,}"
+        f" parameters, checkpoints in {out / 'checkpoints'}")
+    return 0
