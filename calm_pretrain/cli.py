@@ -75,6 +75,26 @@ def cmd_release_info(args) -> int:
     return 0 if info["consistent"] else 1
 
 
+def cmd_export(args) -> int:
+    from calm_pretrain.release import export_state_dict
+    from calm_pretrain.train.checkpoint import consolidated_state_dict
+
+    state, model_cfg = consolidated_state_dict(args.checkpoint)
+    tokenizer = ae_state = ae_cfg = None
+    if args.tokenizer:
+        from data_pipeline.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    if args.embed_ae:
+        from calm_pretrain.release import import_release
+
+        ae, ae_cfg = import_release(args.embed_ae)
+        ae_state = ae.state_dict()
+    out = export_state_dict(state, model_cfg, args.out, tokenizer, ae_state_dict=ae_state, ae_config=ae_cfg)
+    print(f"exported {model_cfg.arch} ({sum(v.numel() for v in state.values()):,} tensor elements) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calm-pretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-after-minutes", type=float, default=None,
                    help="save and exit with the requeue code after this wall-clock budget")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("export", help="consolidate a training checkpoint (any ZeRO stage) into a release directory")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (its newest intact checkpoint)")
+    p.add_argument("--out", required=True, help="release directory (config.json + model.safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer to save beside the weights (demo, llama3, or a directory)")
+    p.add_argument("--embed-ae", help="for CALM: an autoencoder release to embed under ae_model.*")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="the main job: corpus → tokenizer → AE → latents → CALM + baseline → BrierLM, samples")
     p.add_argument("--run-dir", default="runs/demo", help="outputs; finished stages are reused on a re-run")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's training steps")
@@ -109,6 +135,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the errors that name a bad file or input get one line, not a traceback
+        from calm_pretrain.release import ReleaseError
+        from calm_pretrain.train.checkpoint import CheckpointError
+        from data_pipeline.errors import DataError
+
+        if isinstance(e, (CheckpointError, ReleaseError, DataError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -219,6 +219,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     zero_stage: int = 1
     offload_optimizer: bool = False  # optimizer state (and its step) on the CPU: ZeRO-Offload
+    # Elements per ZeRO communication bucket (reduce, all-gather, ZeRO-3 prefetch). DeepSpeed's default
+    # of 5e8 costs 1-2 GB per bucket; 5e7 is what GPT-NeoX and Megatron-DeepSpeed run with.
+    zero_bucket_elements: int = 50_000_000
+    zero3_max_live_parameters: int = 100_000_000  # gathered ZeRO-3 parameters kept alive at once
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     log_every: int = 10
     eval_every: int = 1000
@@ -246,7 +250,8 @@ class TrainConfig:
                f"must be auto, bf16 or fp32, got {self.precision!r}")
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", f"must be 0..3, got {self.zero_stage}")
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every",
-                     "save_every", "keep_last", "max_nonfinite_steps"):
+                     "save_every", "keep_last", "max_nonfinite_steps", "zero_bucket_elements",
+                     "zero3_max_live_parameters"):
             _check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"{p}.min_lr",

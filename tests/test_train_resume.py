@@ -157,3 +157,29 @@ def test_resume_at_another_data_parallel_size(tmp_path, data):
     assert [s for s, _, _ in b] == list(range(1, STEPS + 1))
     for (_, x, _), (_, y, _) in zip(a, b):  # only the order of fp32 sums differs
         assert abs(x - y) < 1e-4 * abs(x), (a, b)
+
+
+def test_export_from_zero1_and_zero3_checkpoints_gives_the_same_model(tmp_path, data):
+    import subprocess
+    import sys
+
+    import torch
+
+    from calm_pretrain.release import import_release
+
+    models = {}
+    for stage in (1, 3):
+        run = tmp_path / f"zero{stage}"
+        cfg = _config(tmp_path / f"z{stage}.yaml", data, run, zero_stage=stage, max_steps=3)
+        assert _run(cfg, run) == [0, 0], _log(run)
+        out = subprocess.run([sys.executable, "-m", "calm_pretrain.cli", "export", "--checkpoint", str(run),
+                              "--out", str(tmp_path / f"release{stage}")], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        models[stage], _ = import_release(tmp_path / f"release{stage}")
+    ids = torch.randint(3, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h1, h3 = (models[s].eval().hidden_states(ids) for s in (1, 3))
+    torch.testing.assert_close(h1, h3, rtol=1e-4, atol=1e-5)  # same training, different partitioning
+    bad = subprocess.run([sys.executable, "-m", "calm_pretrain.cli", "export", "--checkpoint", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no checkpoint found" in bad.stderr

@@ -93,7 +93,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
     bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
     # Checkpoints keep DeepSpeed's default (rigid) layout: the universal converter, which a resume at
     # another data-parallel size goes through, reads that layout only.
-    zero = {"stage": t.zero_stage}
+    zero = {"stage": t.zero_stage, "reduce_bucket_size": t.zero_bucket_elements,
+            "allgather_bucket_size": t.zero_bucket_elements}
+    if t.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=t.zero_bucket_elements,
+                    stage3_max_live_parameters=t.zero3_max_live_parameters)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
@@ -113,8 +117,29 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
     }
 
 
+def _rank_env_from_slurm() -> None:
+    """Launched by `srun` (one task per GPU, no torchrun): RANK, WORLD_SIZE, LOCAL_RANK from the task's
+    SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; MASTER_ADDR, unless exported (slurm/common.sh
+    does), is the step's first host. SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: srun sets it for its tasks
+    only, while the batch shell's SLURM_NTASKS/SLURM_PROCID describe the allocation, and a plain run
+    there must stay one process instead of waiting for ranks that never start."""
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
+        return
+    if "MASTER_ADDR" not in env:
+        import subprocess
+
+        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
+                                            capture_output=True, text=True).stdout.split()[0]
+    env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 15000))  # as slurm/common.sh
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
+               LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     """Join the process group torchrun/srun describes (gloo on CPU, nccl on GPU); (rank, world_size)."""
+    _rank_env_from_slurm()
     if "RANK" not in os.environ:
         return 0, 1
     import datetime

@@ -192,3 +192,36 @@ class Checkpointer:
             return False
         set_rng_state(torch.load(f, weights_only=True))
         return True
+
+
+# ---- consolidation (for release export) ------------------------------------------------------
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory / checkpoints root → its newest intact checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = Checkpointer(root, log=lambda s: None)._choose()
+    if found is None:
+        raise CheckpointError(f"{path}: no checkpoint found (expected step_*/manifest.json under {root})")
+    return Path(found)
+
+
+def consolidated_state_dict(path: Path) -> tuple[dict, "object"]:
+    """(full fp32 state dict {parameter name: tensor}, model config) of a training checkpoint, whatever
+    engine or ZeRO stage wrote it; runs in one process without the training world."""
+    from calm_pretrain.config import model_config_from_dict
+
+    path = resolve_checkpoint(path)
+    problem = verify_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged ({problem})")
+    config = model_config_from_dict(read_trainer_state(path)["config"]["model"])
+    engine = path / "engine"
+    if (engine / "engine.pt").is_file():  # TorchEngine
+        state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
+    else:  # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config

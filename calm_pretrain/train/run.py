@@ -101,6 +101,15 @@ def build_evaluator(cfg: RunConfig) -> Optional[Callable]:
 
 
 def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
+    # Installed first: a preemption signal during start-up is then honoured at the first step boundary.
+    stop = StopRequest(cfg.train.exit_after_minutes, log=log)
+    try:
+        return _run(cfg, stop, log)
+    finally:
+        stop.close()
+
+
+def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     rank, world_size = init_distributed(cfg.train.dist_timeout_minutes)
     use_deepspeed = cfg.train.engine == "deepspeed" or (cfg.train.engine == "auto" and "RANK" in os.environ)
     if world_size > 1 and not use_deepspeed:
@@ -156,7 +165,6 @@ def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
     if evaluate is not None:
         callbacks.append(EvalCallback(evaluate, cfg.train.eval_every))
 
-    stop = StopRequest(cfg.train.exit_after_minutes, log=log)
     trainer = Trainer(cfg, engine.module, loader, out, engine=engine, callbacks=callbacks, log=log,
                       checkpointer=Checkpointer(out / "checkpoints", cfg.train.keep_last, rank, world_size, log=say),
                       stop=stop, rank=rank, world_size=world_size, flops_per_token=flops, peak_flops=peak)
@@ -167,7 +175,6 @@ def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
             return 0
         trainer.fit()
     finally:
-        stop.close()
         loader.close()
     if trainer.exit_reason == "preempted":
         say(f"[{cfg.name}] saved at step {trainer.step}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued")

@@ -1,0 +1,134 @@
+"""Peak memory per process of one training step at ZeRO-1 and at ZeRO-3 (2 CPU processes, gloo).
+
+    python3 tools/bench_zero_memory.py [--config configs/calm/calm_m.yaml] [--precision fp32] [--stages 1 3]
+
+Each stage runs in its own pair of processes: build the model (inside deepspeed.zero.Init for ZeRO-3),
+wrap it in the DeepSpeed engine, run one optimizer step on a synthetic micro-batch, report every
+rank's peak resident set size. The prediction is the ZeRO paper's arithmetic for Ψ parameters on N
+ranks with mixed precision (2-byte weights and gradients, 12 bytes of fp32 master weights + Adam
+moments): ZeRO-1 holds 2Ψ + 2Ψ + 12Ψ/N bytes per rank, ZeRO-3 16Ψ/N, so ZeRO-3 saves 4Ψ(1 − 1/N). In
+fp32 the weights and gradients take 4 bytes each and the saving is 8Ψ(1 − 1/N) minus the fp32 master
+copy DeepSpeed keeps of each partition. Results go to bench_out/zero_memory.json.
+
+Peak RSS is a high-water mark, so large buffers are allocated with mmap (MALLOC_MMAP_THRESHOLD_) and
+go back to the OS when freed, instead of lingering in the heap and inflating later peaks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, world, port, config, overrides, out):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    torch.set_num_threads(1)
+    from calm_pretrain.config import CALMConfig, load_config
+    from calm_pretrain.models import build_model
+    from calm_pretrain.parallel.engine import DeepSpeedEngine, build_model_sharded, init_distributed
+    from calm_pretrain.parallel.plan import mark_zero3_leaves
+    from calm_pretrain.train.trainer import model_loss
+
+    init_distributed()
+    cfg = load_config(config, overrides)
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # noqa: E731 - GiB
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_model_sharded(cfg, lambda: build_model(cfg.model), world)
+    if cfg.train.zero_stage == 3:
+        mark_zero3_leaves(model)
+    after_build = rss()
+    engine = DeepSpeedEngine(model, cfg, world)
+    after_init = rss()
+    m = cfg.model
+    k = m.k if isinstance(m, CALMConfig) else 1
+    ids = torch.randint(3, m.vocab_size, (1, cfg.data.seq_chunks * k))
+    batch = {"ids": ids}
+    if isinstance(m, CALMConfig):
+        batch["mu"] = torch.randn(1, cfg.data.seq_chunks, m.latent_dim)
+        batch["log_sigma"] = torch.full((1, cfg.data.seq_chunks, m.latent_dim), -2.0)
+    if cfg.train.precision == "bf16":
+        batch = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
+    loss, _ = model_loss(m, engine, batch)
+    after_forward = rss()
+    engine.backward(loss)
+    after_backward = rss()
+    grad_norm, applied = engine.step(1e-4)
+    record = {"rank": rank, "zero_stage": cfg.train.zero_stage, "peak_rss_gib": rss(), "rss_after_build_gib": after_build,
+              "rss_after_engine_gib": after_init,
+              "rss_after_forward_gib": after_forward, "rss_after_backward_gib": after_backward, "loss": loss.item(), "grad_norm": grad_norm, "applied": applied,
+              "seconds": time.perf_counter() - t0,
+              "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+    Path(out).with_suffix(f".rank{rank}.json").write_text(json.dumps(record))
+
+
+def run_stage(config, overrides, world, out: Path) -> list[dict]:
+    port = _port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank, args=(r, world, port, config, overrides, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+    return [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(world)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/calm/calm_m.yaml")
+    ap.add_argument("--precision", default="fp32", choices=["bf16", "fp32"])
+    ap.add_argument("--seq-chunks", type=int, default=8)
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # read by each spawned rank at start
+    results = {}
+    for stage in args.stages:
+        print(f"ZeRO-{stage}: {args.world_size} processes, one step of {args.config} ({args.precision}) ...",
+              file=sys.stderr, flush=True)
+        overrides = [f"train.zero_stage={stage}", f"train.precision={args.precision}", "train.micro_batch_size=1",
+                     f"data.seq_chunks={args.seq_chunks}", "train.grad_accum_steps=1"]
+        results[stage] = run_stage(args.config, overrides, args.world_size, out / f"zero{stage}")
+        for r in results[stage]:
+            print(f"  rank {r['rank']}: peak RSS {r['peak_rss_gib']:.2f} GiB (after build {r['rss_after_build_gib']:.2f}, "
+                  f"engine {r['rss_after_engine_gib']:.2f}, forward {r['rss_after_forward_gib']:.2f}, "
+                  f"backward {r['rss_after_backward_gib']:.2f}), {r['seconds']:.0f}s", file=sys.stderr, flush=True)
+    summary = {"config": args.config, "precision": args.precision, "world_size": args.world_size,
+               "measured_at": time.strftime("%Y-%m-%d %H:%M"), "results": results}
+    if 1 in results and 3 in results:
+        psi = results[1][0]["parameters"]
+        n = args.world_size
+        per = 2 if args.precision == "bf16" else 4
+        predicted = 2 * per * psi * (1 - 1 / n) / 2**30
+        measured = (max(r["peak_rss_gib"] for r in results[1]) - max(r["peak_rss_gib"] for r in results[3]))
+        summary.update(parameters=psi, predicted_saving_gib=predicted, measured_saving_gib=measured,
+                       measured_over_predicted=measured / predicted)
+        print(f"parameters {psi:,}: ZeRO-3 saves {measured:.2f} GiB per process; the "
+              f"{2 * per}+12-bytes-per-parameter arithmetic predicts {predicted:.2f} GiB "
+              f"(ratio {measured / predicted:.2f})", file=sys.stderr)
+    (out / "zero_memory.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
