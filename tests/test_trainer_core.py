@@ -56,3 +56,19 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in lines] == [False, False, True, True, True]
     assert lines[-1]["nonfinite_total"] == 3
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from calm_pretrain.parallel.plan import apply_activation_checkpointing
+
+    cfg = _cfg("model.num_layers=2")
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model).double()
+        if checkpointed:
+            assert apply_activation_checkpointing(model) == 2
+        model(next(_batches())["ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-12, atol=1e-12)
