@@ -295,6 +295,15 @@ class RunConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate(f.name)
+        if self.parallel.pipeline > 1:
+            _check(self.train.zero_stage in (0, 1), "train.zero_stage",
+                   f"= {self.train.zero_stage} cannot go with parallel.pipeline = {self.parallel.pipeline}: "
+                   "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1; set train.zero_stage=1")
+            _check(isinstance(self.model, BackboneConfig), "parallel.pipeline",
+                   f"= {self.parallel.pipeline} needs a calm or transformer model, not {self.model.arch}")
+            if isinstance(self.model, BackboneConfig):
+                _check(self.model.num_layers >= self.parallel.pipeline, "parallel.pipeline",
+                       f"= {self.parallel.pipeline} exceeds model.num_layers = {self.model.num_layers}")
         if isinstance(self.model, BackboneConfig) and self.parallel.tensor > 1:
             m = self.model
             _check(m.num_heads % self.parallel.tensor == 0 and m.num_kv_heads % self.parallel.tensor == 0,

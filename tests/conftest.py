@@ -33,3 +33,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """Tiny training shards for the multi-process trainer tests: latents (K=4, d=16, 8 chunks) and
+    tokens (32 per sample), 96 samples each, vocabulary 64."""
+    import numpy as np
+
+    from data_pipeline.testing import write_latent_dataset, write_token_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    n, chunks, k, d = 96, 8, 4, 16
+    write_latent_dataset(root / "latents", rng.integers(3, 64, (n, chunks * k)),
+                         rng.standard_normal((n, chunks, d)).astype(np.float32),
+                         np.full((n, chunks, d), -2.0, np.float32), k=k)
+    write_token_dataset(root / "tokens", rng.integers(3, 64, (n, 32)), k=1)
+    return root

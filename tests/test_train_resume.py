@@ -12,22 +12,10 @@ import yaml
 
 from tests.distributed import launch_ranks, wait_ranks
 
+# `data` (tiny latent and token shards) is a fixture of tests/conftest.py.
+
 REQUEUE = 75
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from data_pipeline.testing import write_latent_dataset, write_token_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    n, chunks, k, d = 96, 8, 4, 16
-    write_latent_dataset(root / "latents", rng.integers(3, 64, (n, chunks * k)),
-                         rng.standard_normal((n, chunks, d)).astype(np.float32),
-                         np.full((n, chunks, d), -2.0, np.float32), k=k)
-    write_token_dataset(root / "tokens", rng.integers(3, 64, (n, 32)), k=1)
-    return root
 
 
 def _config(path, data, out, arch="calm", **train):

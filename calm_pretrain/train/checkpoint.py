@@ -220,6 +220,10 @@ def consolidated_state_dict(path: Path) -> tuple[dict, "object"]:
     engine = path / "engine"
     if (engine / "engine.pt").is_file():  # TorchEngine
         state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
+    elif (engine / "layer_00-model_states.pt").is_file():  # pipeline: one file per layer
+        from calm_pretrain.parallel.pipeline import pipeline_state_dict
+
+        state = pipeline_state_dict(engine, config)
     else:  # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

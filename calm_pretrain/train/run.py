@@ -100,6 +100,23 @@ def build_evaluator(cfg: RunConfig) -> Optional[Callable]:
     return evaluate
 
 
+def _topology(cfg: RunConfig, rank: int, world_size: int):
+    """(DeepSpeed pipeline topology or None, data-parallel rank, data-parallel size)."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline = "
+                         f"{tp} × {pp}; launch a multiple of {tp * pp} ranks")
+    if pp == 1:
+        return None, rank, world_size
+    if tp > 1:
+        raise ValueError("parallel.tensor > 1 together with parallel.pipeline > 1 is not wired into the trainer yet")
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    topology = PipeDataParallelTopology(num_pp=pp, num_dp=world_size // pp)
+    coord = topology.get_coord(rank)
+    return topology, coord.data, world_size // pp
+
+
 def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
     # Installed first: a preemption signal during start-up is then honoured at the first step boundary.
     stop = StopRequest(cfg.train.exit_after_minutes, log=log)
@@ -115,14 +132,14 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     if world_size > 1 and not use_deepspeed:
         raise ValueError("train.engine=torch runs in one process only; launch without torchrun or use deepspeed")
     device = _device()
-    dp_rank, dp_world = rank, world_size  # TP/PP groups slot in here (parallel.tensor / pipeline)
+    topology, dp_rank, dp_world = _topology(cfg, rank, world_size)
     out = Path(cfg.train.output_dir)
     say = log if rank == 0 else (lambda s: None)
 
     # One line per rank: who it is, where it runs, and which groups it belongs to.
     line = (f"rank {rank}/{world_size} host {socket.gethostname()} pid {os.getpid()} device {device} "
             f"local_rank {os.environ.get('LOCAL_RANK', 0)} dp {dp_rank}/{dp_world} "
-            f"tp 0/{cfg.parallel.tensor} pp 0/{cfg.parallel.pipeline}")
+            f"tp 0/{cfg.parallel.tensor} pp {topology.get_coord(rank).pipe if topology else 0}/{cfg.parallel.pipeline}")
     print(line, flush=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +160,14 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     torch.manual_seed(cfg.train.seed * 1_000_003 + dp_rank)
 
     loader = build_loader(cfg, dp_rank, dp_world)
-    engine = DeepSpeedEngine(model, cfg, world_size) if use_deepspeed else TorchEngine(model, cfg)
+    if topology is not None:
+        from calm_pretrain.parallel.pipeline import PipelineEngine
+
+        engine = PipelineEngine(model, cfg, topology, world_size)
+    elif use_deepspeed:
+        engine = DeepSpeedEngine(model, cfg, world_size)
+    else:
+        engine = TorchEngine(model, cfg)
     if not use_deepspeed:
         engine.module.to(device)
 
@@ -162,7 +186,10 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     if cfg.train.tensorboard:
         callbacks.append(TensorBoardCallback(out / "tensorboard", rank))
     evaluate = build_evaluator(cfg)
-    if evaluate is not None:
+    if evaluate is not None and topology is not None:
+        say("data.eval: periodic evaluation is not run under pipeline parallelism (no rank holds the whole "
+            "model); evaluate the exported release instead")
+    elif evaluate is not None:
         callbacks.append(EvalCallback(evaluate, cfg.train.eval_every))
 
     trainer = Trainer(cfg, engine.module, loader, out, engine=engine, callbacks=callbacks, log=log,

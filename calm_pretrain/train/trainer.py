@@ -133,6 +133,9 @@ class Trainer:
         lr = lr_for(self.step, cfg)
         self.model.train()
         loss_sum, extras, tokens = 0.0, {}, 0
+        if getattr(self.engine, "owns_schedule", False):  # a pipeline runs the whole window (1F1B) itself
+            loss_sum, tokens, grad_norm, applied = self.engine.train_window(self.batches, lr)
+            return self._count(lr, loss_sum, tokens, grad_norm, applied, extras)
         for _ in range(cfg.grad_accum_steps):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()
                      if isinstance(v, torch.Tensor)}
@@ -143,6 +146,9 @@ class Trainer:
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum_steps
         grad_norm, applied = self.engine.step(lr)  # the norm is global: every rank decides alike
+        return self._count(lr, loss_sum, tokens, grad_norm, applied, extras)
+
+    def _count(self, lr, loss_sum, tokens, grad_norm, applied, extras) -> dict:
         if applied:
             self.nonfinite_in_a_row = 0
         else:  # the engine dropped the gradients: the weights are those of the last good step

@@ -1,0 +1,197 @@
+"""Pipeline parallelism: the model as a DeepSpeed `PipelineModule`, run with its 1F1B schedule.
+
+Stages are built from the finished model (the same weights as without a pipeline):
+  first:  CALM — token embedding + input compression of each chunk; Transformer — token embedding;
+  middle: the decoder blocks, partitioned across stages by parameter count;
+  last:   final norm + the generative head and its loss (CALM), or norm + LM head (Transformer: the
+          cross-entropy is DeepSpeed's ``loss_fn`` on the labels the last stage reads itself).
+
+CALM's targets (the latent posteriors mu, log_sigma of the next chunks) travel with the activations
+from the first stage to the last: DeepSpeed sends every tensor of a stage's output tuple downstream and
+expects a gradient back for every floating-point one, so the targets are packed into one int32 tensor
+(a bit-exact view of the float32 values) that carries no gradient. They are d/H of the hidden state's
+size (128 of 1024 floats per position at CALM-M).
+
+The engine adapter owns the whole accumulation window (``train_window``): DeepSpeed's pipeline engine
+pulls ``grad_accum_steps`` micro-batches itself on the first and last stages, runs 1F1B, all-reduces
+over data-parallel replicas, clips and steps. Pipeline parallelism goes with ZeRO stage 0 or 1.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calm_pretrain.config import CALMConfig, RunConfig, TransformerConfig
+from calm_pretrain.models.backbone import RotaryEmbedding
+
+
+def pack_targets(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    return torch.cat([mu, log_sigma], dim=-1).float().contiguous().view(torch.int32)
+
+
+def unpack_targets(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return packed.view(torch.float32).chunk(2, dim=-1)
+
+
+class _CALMInput(nn.Module):
+    def __init__(self, calm):
+        super().__init__()
+        self.k, self.hidden = calm.k, calm.config.hidden_size
+        self.embed_tokens, self.embed_proj = calm.transformer.embed_tokens, calm.embed_proj
+
+    def forward(self, inputs):
+        ids, packed = inputs
+        b, t = ids.shape
+        x = self.embed_tokens(ids).reshape(b, t // self.k, self.k * self.hidden)
+        return self.embed_proj(x), packed
+
+
+class _TokenInput(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.transformer.embed_tokens
+
+    def forward(self, inputs):
+        ids = inputs[0] if isinstance(inputs, tuple) else inputs
+        return self.embed_tokens(ids)
+
+
+class _Block(nn.Module):
+    """One decoder layer; RoPE tables are recomputed per stage (no parameters, cheap)."""
+
+    def __init__(self, layer, cfg):
+        super().__init__()
+        self.layer = layer
+        self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+
+    def forward(self, inputs):
+        x, rest = (inputs[0], inputs[1:]) if isinstance(inputs, tuple) else (inputs, ())
+        cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device), x.dtype)
+        x = self.layer(x, cos, sin)
+        return (x, *rest) if rest else x
+
+
+class _CALMOutput(nn.Module):
+    def __init__(self, calm):
+        super().__init__()
+        self.norm, self.head = calm.transformer.norm, calm.mlp_generator
+
+    def forward(self, inputs):
+        x, packed = inputs
+        mu, log_sigma = unpack_targets(packed)
+        return self.head.loss(self.norm(x), mu, log_sigma).mean()
+
+
+class _LMOutput(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.norm, self.lm_head = model.transformer.norm, model.lm_head
+
+    def forward(self, x):
+        return self.lm_head(self.norm(x))
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def pipeline_layers(model) -> tuple[list[nn.Module], Optional[callable]]:
+    """The model as a list of stage-able layers, and DeepSpeed's loss_fn (None: the last layer's output
+    is the loss)."""
+    cfg = model.config
+    blocks = [_Block(layer, cfg) for layer in model.transformer.layers]
+    if isinstance(cfg, CALMConfig):
+        return [_CALMInput(model), *blocks, _CALMOutput(model)], None
+    if isinstance(cfg, TransformerConfig):
+        return [_TokenInput(model), *blocks, _LMOutput(model)], _lm_loss
+    raise ValueError(f"parallel.pipeline > 1 supports calm and transformer models, not {cfg.arch}")
+
+
+def pipeline_batch(config, batch: dict):
+    """A loader micro-batch in DeepSpeed's pipeline format: (first-stage inputs, last-stage labels)."""
+    ids = batch["ids"]
+    if isinstance(config, CALMConfig):
+        inputs = (ids[:, : -config.k], pack_targets(batch["mu"][:, 1:], batch["log_sigma"][:, 1:]))
+        return inputs, torch.zeros(1)
+    return (ids[:, :-1],), ids[:, 1:]
+
+
+class PipelineEngine:
+    """The trainer's engine interface for a pipeline: one call runs a whole accumulation window."""
+
+    owns_schedule = True
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, topology, world_size: int):
+        import deepspeed
+        from deepspeed.pipe import PipelineModule
+
+        from calm_pretrain.parallel.engine import build_optimizer, deepspeed_config
+
+        self.cfg, self.module = cfg, model
+        layers, loss_fn = pipeline_layers(model)
+        self.pipe = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn,
+                                   partition_method="parameters", activation_checkpoint_interval=0)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.pipe, optimizer=build_optimizer(self.pipe, cfg),
+            config=deepspeed_config(cfg, world_size, torch.cuda.is_available()))
+        # The first and last stage of every model-parallel group both read each micro-batch: each
+        # reports its share, so a sum over all ranks counts every sample once.
+        tp = topology.get_dim("model") if "model" in topology.get_axis_names() else 1
+        self.token_share = 1.0 / (2 * tp)
+        self.device = next(self.pipe.parameters()).device
+
+    def train_window(self, batches: Iterator[dict], lr: float) -> tuple[float, int, float, bool]:
+        """(mean loss over the window and DP replicas, this rank's token share, grad norm, applied)."""
+        tokens = [0]
+
+        def micro_batches():
+            while True:
+                b = next(batches)
+                tokens[0] += b["ids"].numel()
+                yield pipeline_batch(self.module.config, {k: v.to(self.device) for k, v in b.items()
+                                                           if isinstance(v, torch.Tensor)})
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.engine.train_batch(data_iter=micro_batches())
+        applied = self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if applied and norm is not None else float("nan")
+        return float(loss), int(tokens[0] * self.token_share), grad_norm, applied
+
+    def save(self, path) -> None:
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+
+    def load(self, path) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
+
+
+def pipeline_state_dict(engine_dir, model_config) -> dict:
+    """Our full state dict from a pipeline checkpoint's per-layer files (`layer_XX-model_states.pt`).
+
+    The layer list is rebuilt from the config on the meta device, and each wrapper's parameter is mapped
+    back to the model's own name by identity, so the names need no bookkeeping in the checkpoint."""
+    from pathlib import Path
+
+    from calm_pretrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_config)
+    names = {id(p): name for name, p in model.named_parameters()}
+    layers, _ = pipeline_layers(model)
+    state = {}
+    for idx, layer in enumerate(layers):
+        path = Path(engine_dir) / f"layer_{idx:02d}-model_states.pt"
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper_name, p in layer.named_parameters():
+            state[names[id(p)]] = saved[wrapper_name]
+    missing = set(names.values()) - set(state)
+    if missing:
+        raise KeyError(f"{engine_dir}: the pipeline layers do not cover {sorted(missing)[:5]}")
+    return state
