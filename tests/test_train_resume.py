@@ -131,14 +131,15 @@ def test_exit_after_minutes_and_refusals(tmp_path, data):
     assert "the training data changed since it was saved" in _log(run)
 
 
-def test_resume_at_another_data_parallel_size(tmp_path, data):
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_resume_at_another_data_parallel_size(tmp_path, data, zero_stage):
     straight = tmp_path / "straight"
-    _run(_config(tmp_path / "s.yaml", data, straight, arch="transformer"), straight)
+    _run(_config(tmp_path / "s.yaml", data, straight, arch="transformer", zero_stage=zero_stage), straight)
     run = tmp_path / "run"
-    half = _config(tmp_path / "h.yaml", data, run, arch="transformer", max_steps=6)
+    half = _config(tmp_path / "h.yaml", data, run, arch="transformer", max_steps=6, zero_stage=zero_stage)
     assert _run(half, run) == [0, 0], _log(run)
     # Same global batch (2 x 2 x 2 = 8) on one rank: micro-batch 2, accumulation 4.
-    rest = _config(tmp_path / "r.yaml", data, run, arch="transformer", grad_accum_steps=4)
+    rest = _config(tmp_path / "r.yaml", data, run, arch="transformer", grad_accum_steps=4, zero_stage=zero_stage)
     assert _run(rest, run, world_size=1) == [0], _log(run)
     assert "resuming at data-parallel size 1 (was 2): same global sample order" in _log(run)
     a, b = _losses(straight), _losses(run)

@@ -134,6 +134,12 @@ class PipelineEngine:
         layers, loss_fn = pipeline_layers(model)
         self.pipe = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn,
                                    partition_method="parameters", activation_checkpoint_interval=0)
+        # Other stages' layers stay in `model` (for its config and shapes) but on the meta device:
+        # a rank holds the weights of its own stage only.
+        local = {id(m) for m in self.pipe.forward_funcs}
+        for layer in layers:
+            if id(layer) not in local:
+                layer.to("meta")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.pipe, optimizer=build_optimizer(self.pipe, cfg),
             config=deepspeed_config(cfg, world_size, torch.cuda.is_available()))

@@ -124,7 +124,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.tokens_seen = 0
         self.exit_reason = "running"
-        self.device = next(model.parameters()).device
+        # A pipeline rank holds only its stage's weights (the rest of `model` is on the meta device).
+        self.device = getattr(self.engine, "device", None) or next(model.parameters()).device
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
