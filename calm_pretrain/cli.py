@@ -31,7 +31,13 @@ def cmd_params(args) -> int:
 def cmd_demo(args) -> int:
     from calm_pretrain.demo import run_demo
 
-    run_demo(args.run_dir, steps_scale=args.steps_scale)
+    from calm_pretrain.demo import CommandFailed, SettingsChanged
+
+    try:
+        run_demo(args.run_dir, config=args.config, overrides=args.overrides, steps_scale=args.steps_scale)
+    except (CommandFailed, SettingsChanged) as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -117,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to save beside the weights (demo, llama3, or a directory)")
     p.add_argument("--embed-ae", help="for CALM: an autoencoder release to embed under ae_model.*")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("demo", help="the main job: corpus → tokenizer → AE → latents → CALM + baseline → BrierLM, samples")
+    p = sub.add_parser("demo", help="the main job: corpus → tokenizer → AE → latents → CALM + baseline → BrierLM, "
+                       "samples, release checkpoints")
+    p.add_argument("--config", help="pipeline config (default configs/demo.yaml: the embedded CPU demo)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: pipeline keys (tokenizer.vocab_size=512, "
+                   "stages.calm.processes=1) or a stage's run config (ae.train.max_steps=800)")
     p.add_argument("--run-dir", default="runs/demo", help="outputs; finished stages are reused on a re-run")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's training steps")
     p.set_defaults(func=cmd_demo)

@@ -304,6 +304,12 @@ class RunConfig:
             if isinstance(self.model, BackboneConfig):
                 _check(self.model.num_layers >= self.parallel.pipeline, "parallel.pipeline",
                        f"= {self.parallel.pipeline} exceeds model.num_layers = {self.model.num_layers}")
+        if self.parallel.tensor > 1:
+            _check(self.train.zero_stage in (0, 1, 2), "train.zero_stage",
+                   f"= 3 cannot go with parallel.tensor = {self.parallel.tensor}: tensor parallelism splits "
+                   "the full weights, which ZeRO-3 never materialises; use train.zero_stage=1")
+            _check(isinstance(self.model, BackboneConfig), "parallel.tensor",
+                   f"= {self.parallel.tensor} needs a calm or transformer model, not {self.model.arch}")
         if isinstance(self.model, BackboneConfig) and self.parallel.tensor > 1:
             m = self.model
             _check(m.num_heads % self.parallel.tensor == 0 and m.num_kv_heads % self.parallel.tensor == 0,

@@ -52,6 +52,8 @@ def load_autoencoder(directory: str | os.PathLike, device: str | torch.device = 
 
     d = Path(directory)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    if (d / "calm_pretrain.json").is_file() or _is_reference_config(cfg_path):
+        return _load_release(d, device)  # a release directory (calm-pretrain export, or a published one)
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise DataError(f"autoencoder directory {d}: {p.name} is missing")
@@ -78,6 +80,27 @@ def load_autoencoder(directory: str | os.PathLike, device: str | torch.device = 
         raise DataError(f"{w_path}: the decoder's output projection is no longer tied to the embedding")
     ae.requires_grad_(False)
     return ae.to(device).eval()
+
+
+def _is_reference_config(cfg_path: Path) -> bool:
+    """config.json in the published reference layout (its `patch_size` is our `k`)."""
+    try:
+        return "patch_size" in json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _load_release(d: Path, device):
+    from calm_pretrain.release import ReleaseError, import_release
+
+    try:
+        ae, cfg = import_release(d)
+    except ReleaseError as e:
+        raise DataError(str(e)) from None
+    if getattr(cfg, "arch", None) != "autoencoder":
+        raise DataError(f"{d}: holds a {cfg.arch} release, not an autoencoder")
+    ae.eval().requires_grad_(False)
+    return ae.to(device)
 
 
 def autoencoder_fingerprint(ae) -> str:

@@ -68,3 +68,29 @@ def test_published_flops_table_within_ten_percent():
         infer = inference_flops_per_token(cfg, 2048, ae).total
         assert abs(train / train_pub - 1) < 0.10, (path, train)
         assert abs(infer / infer_pub - 1) < 0.10, (path, infer)
+
+
+def test_hand_count_of_the_autoencoder_share():
+    """The AE as the paper's table counts it for CALM: its encoder's forward per chunk in training (it makes
+    the targets), its decoder's forward per generated chunk at inference, both spread over the K tokens."""
+    ae = AutoencoderConfig(k=2, latent_dim=3, vocab_size=10, hidden_size=4, intermediate_size=8,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    layer = 3 * 2 * 4 * 8  # one AELayer: SwiGLU gate/up/down 4→8→4
+    # encoder per chunk: 1 layer per token (×K), squeeze K·4→4, 1 layer, μ/logσ head 4→2·3
+    encoder = 2 * layer + 2 * 8 * 4 + layer + 2 * 4 * 6
+    # decoder per chunk: 3→4, 1 layer, expand 4→K·4, 1 layer per token (×K), tied logits 4→10 per token (×K)
+    decoder = 2 * 3 * 4 + layer + 2 * 4 * 8 + 2 * layer + 2 * 2 * 4 * 10
+    assert (encoder, decoder) == (688, 824)
+    assert autoencoder_encoder_forward(ae) == encoder and autoencoder_decoder_forward(ae) == decoder
+
+    calm = CALMConfig(**TINY, k=2, latent_dim=3, head=HeadConfig(num_blocks=1, noise_size=4, num_samples=2,
+                                                                 num_target_samples=3))
+    train_with, train_without = training_flops_per_token(calm, 8, ae), training_flops_per_token(calm, 8)
+    assert train_with.parts["autoencoder"] == encoder / 2  # forward only: the AE is frozen
+    assert train_with.total - train_without.total == encoder / 2
+    assert "autoencoder" not in train_without.parts
+    infer_with, infer_without = inference_flops_per_token(calm, 8, ae), inference_flops_per_token(calm, 8)
+    assert infer_with.parts["autoencoder"] == decoder / 2
+    assert infer_with.total - infer_without.total == decoder / 2
+    # The AE's own training (its sweep stage): forward + backward of encoder and decoder, per token.
+    assert training_flops_per_token(ae, 0).total == 3 * (encoder + decoder) / 2

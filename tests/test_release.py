@@ -563,3 +563,16 @@ def test_release_info_and_cli(models, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["parameters"]["total"] == count_parameters(calm)["total"]
     assert cli_main(["release-info", str(tmp_path / "missing")]) == 2
     assert "no such release directory" in capsys.readouterr().err
+
+
+def test_an_exported_autoencoder_release_loads_for_encoding_with_the_same_fingerprint(tmp_path):
+    from calm_pretrain.release import export_release
+    from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+    from data_pipeline.testing import tiny_ae_config
+
+    torch.manual_seed(0)
+    ae = build_model(tiny_ae_config(vocab_size=64, latent_dim=8)).eval()
+    export_release(ae, tmp_path / "release")
+    loaded = load_autoencoder(tmp_path / "release")
+    assert autoencoder_fingerprint(loaded) == autoencoder_fingerprint(ae)
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training

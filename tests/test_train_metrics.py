@@ -56,3 +56,34 @@ def test_autoencoder_run_logs_held_out_reconstruction(tmp_path, tokens):
     last = _records(run)[-1]
     assert 0.0 <= last["eval/accuracy"] <= 1.0 and 0.0 <= last["eval/accuracy_noise_0.3"] <= 1.0
     assert {"ce", "kl", "accuracy"} <= set(last)
+
+
+def test_calm_run_with_its_autoencoder_scores_brierlm_and_refuses_other_latents(tmp_path, tokens):
+    import torch
+
+    from data_pipeline.ae_io import save_autoencoder
+    from data_pipeline.encode import EncodeConfig, run_encode
+    from data_pipeline.errors import IncompatibleDataError
+    from data_pipeline.testing import tiny_ae_config, write_token_dataset
+    from calm_pretrain.models import build_model
+
+    torch.manual_seed(0)
+    save_autoencoder(build_model(tiny_ae_config(vocab_size=64, latent_dim=8)).eval(), tmp_path / "ae")
+    write_token_dataset(tmp_path / "lm", np.random.default_rng(2).integers(3, 64, (32, 16)), k=4, vocab_size=64)
+    run_encode(EncodeConfig(tokens=str(tmp_path / "lm"), ae=str(tmp_path / "ae"), output=str(tmp_path / "lat")))
+    run = tmp_path / "run"
+    overrides = ["model.arch=calm", "model.k=4", "model.latent_dim=8", "model.num_layers=1", "model.num_heads=2",
+                 "model.num_kv_heads=2", "model.head.num_samples=2", "model.head.num_target_samples=4",
+                 "model.head.noise_size=8", "model.head.num_blocks=1", *TINY, f"data.train={tmp_path / 'lat'}",
+                 f"data.eval={tmp_path / 'lm'}", "data.seq_chunks=4", f"model.ae_path={tmp_path / 'ae'}",
+                 "train.wandb=off", f"train.output_dir={run}"]
+    assert run_training(load_config(None, overrides), log=lambda s: None) == 0
+    evaluated = [r for r in _records(run) if "eval/brierlm" in r]
+    assert [r["step"] for r in evaluated] == [2, 4] and all(-1 <= r["eval/brier_1"] <= 1 for r in evaluated)
+
+    torch.manual_seed(1)  # another autoencoder: the latents were not made with it
+    save_autoencoder(build_model(tiny_ae_config(vocab_size=64, latent_dim=8)).eval(), tmp_path / "other_ae")
+    other = [o for o in overrides if not o.startswith(("model.ae_path", "train.output_dir"))]
+    with pytest.raises(IncompatibleDataError, match="autoencoder fingerprint"):
+        run_training(load_config(None, [*other, f"model.ae_path={tmp_path / 'other_ae'}",
+                                        f"train.output_dir={tmp_path / 'run2'}"]), log=lambda s: None)

@@ -184,15 +184,20 @@ def build_model_sharded(cfg: RunConfig, build: Callable[[], nn.Module], world_si
 
 
 class DeepSpeedEngine:
-    def __init__(self, model: nn.Module, cfg: RunConfig, world_size: Optional[int] = None):
+    def __init__(self, model: nn.Module, cfg: RunConfig, world_size: Optional[int] = None, mpu=None):
+        """`mpu`: the model-parallel groups (``groups.DeepSpeedMPU()`` under tensor parallelism): DeepSpeed
+        then reduces gradients over the data-parallel group only, broadcasts initial weights within it,
+        and sums gradient norms over the model-parallel group."""
         import deepspeed
 
         self.cfg = cfg
         world_size = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
         self.ds_config = deepspeed_config(cfg, world_size, torch.cuda.is_available())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, cfg), config=self.ds_config)
+            model=model, optimizer=build_optimizer(model, cfg), config=self.ds_config, mpu=mpu)
         self.module = self.engine.module
+        # The ranks of a tensor-parallel group read the same micro-batch: each counts its share of it.
+        self.token_share = 1.0 / (mpu.get_tensor_model_parallel_world_size() if mpu is not None else 1)
 
     def __call__(self, *inputs, **kwargs):
         return self.engine(*inputs, **kwargs)

@@ -179,24 +179,32 @@ class PipelineEngine:
 
 
 def pipeline_state_dict(engine_dir, model_config) -> dict:
-    """Our full state dict from a pipeline checkpoint's per-layer files (`layer_XX-model_states.pt`).
+    """Our full state dict from a pipeline checkpoint's per-layer files (`layer_XX[-model_YY]-model_states.pt`,
+    one per layer and tensor-parallel rank).
 
     The layer list is rebuilt from the config on the meta device, and each wrapper's parameter is mapped
-    back to the model's own name by identity, so the names need no bookkeeping in the checkpoint."""
+    back to the model's own name by identity, so the names need no bookkeeping in the checkpoint; the
+    tensor-parallel shards of each name are then merged."""
     from pathlib import Path
 
     from calm_pretrain.models import build_model
+    from calm_pretrain.parallel.tensor import merge_tensor_parallel_shards
 
     with torch.device("meta"):
         model = build_model(model_config)
     names = {id(p): name for name, p in model.named_parameters()}
     layers, _ = pipeline_layers(model)
-    state = {}
+    per_rank: list[dict] = []
     for idx, layer in enumerate(layers):
-        path = Path(engine_dir) / f"layer_{idx:02d}-model_states.pt"
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        for wrapper_name, p in layer.named_parameters():
-            state[names[id(p)]] = saved[wrapper_name]
+        files = sorted(Path(engine_dir).glob(f"layer_{idx:02d}-*model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{engine_dir}: no checkpoint file for pipeline layer {idx}")
+        per_rank += [{} for _ in range(len(files) - len(per_rank))]
+        for rank_state, path in zip(per_rank, files):  # model_00, model_01, ...: tensor-parallel ranks
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            for wrapper_name, p in layer.named_parameters():
+                rank_state[names[id(p)]] = saved[wrapper_name]
+    state = per_rank[0] if len(per_rank) == 1 else merge_tensor_parallel_shards(per_rank, model_config.vocab_size)
     missing = set(names.values()) - set(state)
     if missing:
         raise KeyError(f"{engine_dir}: the pipeline layers do not cover {sorted(missing)[:5]}")

@@ -220,10 +220,16 @@ def consolidated_state_dict(path: Path) -> tuple[dict, "object"]:
     engine = path / "engine"
     if (engine / "engine.pt").is_file():  # TorchEngine
         state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
-    elif (engine / "layer_00-model_states.pt").is_file():  # pipeline: one file per layer
+    elif any(engine.glob("layer_00-*model_states.pt")):  # pipeline: one file per layer (and TP rank)
         from calm_pretrain.parallel.pipeline import pipeline_state_dict
 
         state = pipeline_state_dict(engine, config)
+    elif (engine / "mp_rank_01_model_states.pt").is_file():  # tensor parallel: merge the ranks' shards
+        from calm_pretrain.parallel.tensor import merge_tensor_parallel_shards
+
+        shards = [torch.load(f, map_location="cpu", weights_only=False)["module"]
+                  for f in sorted(engine.glob("mp_rank_*_model_states.pt"))]
+        state = merge_tensor_parallel_shards(shards, config.vocab_size)
     else:  # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

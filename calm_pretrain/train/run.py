@@ -39,9 +39,9 @@ def data_expectations(cfg: RunConfig) -> dict:
     if isinstance(m, CALMConfig):
         expect = {"k": m.k, "latent_dim": m.latent_dim, "sample_tokens": cfg.data.seq_chunks * m.k}
         if m.ae_path:
-            from data_pipeline.ae_io import autoencoder_fingerprint
+            from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
 
-            expect["ae_fingerprint"] = autoencoder_fingerprint(m.ae_path)
+            expect["ae_fingerprint"] = autoencoder_fingerprint(load_autoencoder(m.ae_path))
         return expect
     if isinstance(m, AutoencoderConfig):
         return {"k": m.k, "sample_tokens": cfg.data.seq_chunks * m.k}
@@ -100,21 +100,19 @@ def build_evaluator(cfg: RunConfig) -> Optional[Callable]:
     return evaluate
 
 
-def _topology(cfg: RunConfig, rank: int, world_size: int):
-    """(DeepSpeed pipeline topology or None, data-parallel rank, data-parallel size)."""
+def _layout(cfg: RunConfig, rank: int, world_size: int):
+    """(this rank's ParallelCoords, DeepSpeed pipeline topology or None). Model-parallel groups come
+    from megatron-core, checked against DeepSpeed's topology (same rank order) at start-up."""
+    from calm_pretrain.parallel.groups import ParallelCoords, deepspeed_topology, init_model_parallel
+
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline = "
                          f"{tp} × {pp}; launch a multiple of {tp * pp} ranks")
-    if pp == 1:
-        return None, rank, world_size
-    if tp > 1:
-        raise ValueError("parallel.tensor > 1 together with parallel.pipeline > 1 is not wired into the trainer yet")
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
-
-    topology = PipeDataParallelTopology(num_pp=pp, num_dp=world_size // pp)
-    coord = topology.get_coord(rank)
-    return topology, coord.data, world_size // pp
+    if tp == 1 and pp == 1:
+        return ParallelCoords(dp_rank=rank, dp_size=world_size), None
+    coords = init_model_parallel(tp, pp, cfg.train.dist_timeout_minutes)
+    return coords, (deepspeed_topology(tp, pp, world_size) if pp > 1 else None)
 
 
 def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
@@ -132,14 +130,13 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     if world_size > 1 and not use_deepspeed:
         raise ValueError("train.engine=torch runs in one process only; launch without torchrun or use deepspeed")
     device = _device()
-    topology, dp_rank, dp_world = _topology(cfg, rank, world_size)
+    coords, topology = _layout(cfg, rank, world_size)
     out = Path(cfg.train.output_dir)
     say = log if rank == 0 else (lambda s: None)
 
     # One line per rank: who it is, where it runs, and which groups it belongs to.
     line = (f"rank {rank}/{world_size} host {socket.gethostname()} pid {os.getpid()} device {device} "
-            f"local_rank {os.environ.get('LOCAL_RANK', 0)} dp {dp_rank}/{dp_world} "
-            f"tp 0/{cfg.parallel.tensor} pp {topology.get_coord(rank).pipe if topology else 0}/{cfg.parallel.pipeline}")
+            f"local_rank {os.environ.get('LOCAL_RANK', 0)} {coords.describe()}")
     print(line, flush=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,20 +149,27 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     with torch.device(device):
         model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size) if use_deepspeed \
             else build_model(cfg.model)
+    if cfg.parallel.tensor > 1:
+        from calm_pretrain.parallel.tensor import apply_tensor_parallel
+
+        say(f"tensor parallel: {apply_tensor_parallel(model)} layers split over {cfg.parallel.tensor} ranks")
     if cfg.train.activation_checkpointing:
         say(f"activation checkpointing on {apply_activation_checkpointing(model)} blocks")
     if use_deepspeed and cfg.train.zero_stage == 3:
         mark_zero3_leaves(model)
-    # Noise (energy-head samples, AE masking) differs between data-parallel ranks; checkpoints keep it.
-    torch.manual_seed(cfg.train.seed * 1_000_003 + dp_rank)
+    # Noise (energy-head samples, AE masking) differs between data-parallel replicas and is the same on
+    # the ranks of one replica (its replicated head must see one draw); checkpoints keep it.
+    torch.manual_seed(cfg.train.seed * 1_000_003 + coords.dp_rank)
 
-    loader = build_loader(cfg, dp_rank, dp_world)
+    loader = build_loader(cfg, coords.dp_rank, coords.dp_size)
     if topology is not None:
         from calm_pretrain.parallel.pipeline import PipelineEngine
 
         engine = PipelineEngine(model, cfg, topology, world_size)
     elif use_deepspeed:
-        engine = DeepSpeedEngine(model, cfg, world_size)
+        from calm_pretrain.parallel.groups import DeepSpeedMPU
+
+        engine = DeepSpeedEngine(model, cfg, world_size, mpu=DeepSpeedMPU() if cfg.parallel.tensor > 1 else None)
     else:
         engine = TorchEngine(model, cfg)
     if not use_deepspeed:

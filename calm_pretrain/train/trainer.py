@@ -143,7 +143,7 @@ class Trainer:
             loss, extra = model_loss(self.model.config, self.engine, batch)
             self.engine.backward(loss)
             loss_sum += loss.item() / cfg.grad_accum_steps
-            tokens += batch["ids"].numel()
+            tokens += int(batch["ids"].numel() * getattr(self.engine, "token_share", 1.0))
             for k, v in extra.items():
                 extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum_steps
         grad_norm, applied = self.engine.step(lr)  # the norm is global: every rank decides alike
