@@ -229,6 +229,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     max_nonfinite_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
+    init_from: str = ""  # a release directory whose weights start the run (ignored once a checkpoint exists)
     engine: str = "auto"  # auto (DeepSpeed under torchrun/srun, plain PyTorch in one process) | torch | deepspeed
     exit_after_minutes: float = 0.0  # save and exit with the requeue code after this long (0 = never)
     dist_timeout_minutes: float = 30.0  # collective timeout (NCCL/gloo): a hung rank fails the job after this

@@ -87,3 +87,28 @@ def test_calm_run_with_its_autoencoder_scores_brierlm_and_refuses_other_latents(
     with pytest.raises(IncompatibleDataError, match="autoencoder fingerprint"):
         run_training(load_config(None, [*other, f"model.ae_path={tmp_path / 'other_ae'}",
                                         f"train.output_dir={tmp_path / 'run2'}"]), log=lambda s: None)
+
+
+def test_a_run_continues_from_a_release(tmp_path, tokens):
+    import torch
+
+    from calm_pretrain.release import export_release, import_release
+    from calm_pretrain.models import build_model
+
+    base = ["model.arch=transformer", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2", *TINY,
+            f"data.train={tokens / 'k1'}", "data.seq_chunks=16", "train.wandb=off"]
+    cfg = load_config(None, [*base, f"train.output_dir={tmp_path / 'unused'}"])
+    torch.manual_seed(123)
+    start = build_model(cfg.model)
+    export_release(start, tmp_path / "release")
+    run = tmp_path / "run"
+    cfg = load_config(None, [*base, f"train.output_dir={run}", f"train.init_from={tmp_path / 'release'}",
+                             "train.max_steps=1", "train.lr=1e-9", "train.warmup_steps=0"])
+    assert run_training(cfg, log=lambda s: None) == 0
+    from calm_pretrain.train.checkpoint import consolidated_state_dict
+
+    trained, _ = consolidated_state_dict(run)
+    for name, p in start.state_dict().items():  # one step at lr 1e-9: still the release's weights
+        torch.testing.assert_close(trained[name], p, rtol=0, atol=1e-6)
+    assert torch.equal(import_release(tmp_path / "release")[0].state_dict()["lm_head.weight"],
+                       start.state_dict()["lm_head.weight"])

@@ -100,6 +100,33 @@ def build_evaluator(cfg: RunConfig) -> Optional[Callable]:
     return evaluate
 
 
+def _init_from_release(model, path: str, say) -> None:
+    """Start from a release's weights (continued pretraining); a checkpoint of this run, when there is
+    one, is loaded over them by the resume. Under ZeRO-3 each parameter is gathered while it is set."""
+    import contextlib
+
+    from calm_pretrain.release import import_release
+
+    released, released_cfg = import_release(path)
+    if released_cfg.arch != model.config.arch:
+        raise ValueError(f"train.init_from: {path} holds a {released_cfg.arch} release, the run trains "
+                         f"{model.config.arch}")
+    state = released.state_dict()
+    own = dict(model.named_parameters())
+    for name, p in own.items():
+        if name not in state or tuple(state[name].shape) != tuple(getattr(p, "ds_shape", p.shape)):
+            raise ValueError(f"train.init_from: {path} does not fit this model at {name}")
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            p.copy_(state[name])
+    say(f"initialised {len(own)} parameters from the release {path}")
+
+
 def _layout(cfg: RunConfig, rank: int, world_size: int):
     """(this rank's ParallelCoords, DeepSpeed pipeline topology or None). Model-parallel groups come
     from megatron-core, checked against DeepSpeed's topology (same rank order) at start-up."""
@@ -149,6 +176,8 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     with torch.device(device):
         model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size) if use_deepspeed \
             else build_model(cfg.model)
+    if cfg.train.init_from:
+        _init_from_release(model, cfg.train.init_from, say)
     if cfg.parallel.tensor > 1:
         from calm_pretrain.parallel.tensor import apply_tensor_parallel
 
