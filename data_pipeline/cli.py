@@ -64,7 +64,12 @@ def _verify(args) -> int:
 def _demo_tokenizer(args) -> int:
     from data_pipeline.tokenizers import build_demo_tokenizer
 
-    tok = build_demo_tokenizer(args.output)
+    texts = None
+    if args.corpus:
+        from data_pipeline.sources import iter_documents, resolve_inputs
+
+        texts = list(iter_documents(resolve_inputs(args.corpus), text_field=args.text_field))
+    tok = build_demo_tokenizer(args.output, vocab_size=args.vocab_size, texts=texts)
     print(f"{args.output}: {tok}")
     return 0
 
@@ -118,8 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path")
     v.set_defaults(fn=_verify)
 
-    d = sub.add_parser("demo-tokenizer", help="build the demo BPE tokenizer into a directory")
+    from data_pipeline.tokenizers import DEMO_VOCAB
+
+    d = sub.add_parser("demo-tokenizer", help="train the demo byte-level BPE tokenizer into a directory (offline)")
     d.add_argument("output")
+    d.add_argument("--vocab-size", type=int, default=DEMO_VOCAB, help="vocabulary size, the 3 special tokens included")
+    d.add_argument("--corpus", nargs="+", default=None,
+                   help="train on these inputs (jsonl / txt / parquet files or globs) instead of the standard library's docs")
+    d.add_argument("--text-field", default="text")
     d.set_defaults(fn=_demo_tokenizer)
     return p
 

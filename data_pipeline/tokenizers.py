@@ -152,9 +152,10 @@ class TransformersTokenizer(Tokenizer):
 # --------------------------------------------------------------------------------------------
 # The demo tokenizer
 # --------------------------------------------------------------------------------------------
-def stdlib_corpus() -> list[str]:
+def stdlib_corpus(max_documents: Optional[int] = None) -> list[str]:
     """The standard library's docstrings (modules, classes, functions; tests excluded) and
-    pydoc_data.topics, in a fixed order: ~2 MB of English that every Python install has."""
+    pydoc_data.topics, in a fixed order: ~2 MB of English that every Python install has.
+    ``max_documents``: the first N of that list (stops reading files once it has them)."""
     import pydoc_data.topics as topics
 
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -174,12 +175,16 @@ def stdlib_corpus() -> list[str]:
                     doc = ast.get_docstring(node)
                     if doc:
                         texts.append(doc)
+            if max_documents is not None and len(texts) >= max_documents:
+                return texts[:max_documents]
     texts += [topics.topics[k] for k in sorted(topics.topics)]
-    return texts
+    return texts[:max_documents]
 
 
-def build_demo_tokenizer(directory: str | os.PathLike, vocab_size: int = DEMO_VOCAB) -> HFTokenizer:
-    """Train the demo byte-level BPE and save it to `directory` (written atomically)."""
+def build_demo_tokenizer(directory: str | os.PathLike, vocab_size: int = DEMO_VOCAB,
+                         texts: Optional[Sequence[str]] = None) -> HFTokenizer:
+    """Train the demo byte-level BPE and save it to `directory` (written atomically); on `texts` when
+    given (e.g. only a corpus's training split), else on :func:`stdlib_corpus`."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -188,7 +193,7 @@ def build_demo_tokenizer(directory: str | os.PathLike, vocab_size: int = DEMO_VO
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=DEMO_SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(stdlib_corpus(), trainer=trainer)
+    tk.train_from_iterator(stdlib_corpus() if texts is None else texts, trainer=trainer)
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
