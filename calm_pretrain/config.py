@@ -282,6 +282,14 @@ class ParallelConfig:
         _check(self.pipeline >= 1, f"{p}.pipeline", "must be >= 1")
 
 
+def validate_sections(cfg) -> None:
+    """Call `validate(name)` on every dataclass field of `cfg` (the sections of a run or pipeline config)."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            section.validate(f.name)
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -292,10 +300,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "RunConfig":
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
-                section.validate(f.name)
+        validate_sections(self)
         if self.parallel.pipeline > 1:
             _check(self.train.zero_stage in (0, 1), "train.zero_stage",
                    f"= {self.train.zero_stage} cannot go with parallel.pipeline = {self.parallel.pipeline}: "

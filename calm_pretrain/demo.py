@@ -28,7 +28,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from calm_pretrain.config import ConfigError, RunConfig, _build, _set_dotted, dump_config, load_config, parse_override
+from calm_pretrain.config import (ConfigError, RunConfig, _build, _set_dotted, dump_config, load_config,
+                                  parse_override, validate_sections)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PIPELINE = REPO / "configs" / "demo.yaml"
@@ -160,10 +161,7 @@ class PipelineConfig:
     generate: GenerateSection = field(default_factory=GenerateSection)
 
     def validate(self) -> "PipelineConfig":
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
-                section.validate(f.name)
+        validate_sections(self)
         return self
 
 
