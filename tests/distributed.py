@@ -25,6 +25,8 @@ def _entry(rank, world_size, port, fn, args, errors):
                        "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     import torch
 
+    from calm_pretrain.parallel.distributed import shutdown
+
     torch.set_num_threads(1)
     try:
         fn(rank, world_size, *args)
@@ -32,8 +34,7 @@ def _entry(rank, world_size, port, fn, args, errors):
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown()
 
 
 def run_distributed_test(fn, world_size: int, *args, timeout: float = 300) -> None:

@@ -17,7 +17,7 @@ import torch
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig, dump_config
 from calm_pretrain.flops import training_flops_per_token
 from calm_pretrain.models import build_model, count_parameters
-from calm_pretrain.parallel.distributed import all_gather_object
+from calm_pretrain.parallel.distributed import all_gather_object, shutdown
 from calm_pretrain.parallel.engine import DeepSpeedEngine, TorchEngine, build_model_sharded, init_distributed
 from calm_pretrain.parallel.plan import apply_activation_checkpointing, mark_zero3_leaves
 from calm_pretrain.train.callbacks import EvalCallback, TensorBoardCallback, WandbCallback
@@ -149,6 +149,7 @@ def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
         return _run(cfg, stop, log)
     finally:
         stop.close()
+        shutdown()
 
 
 def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
