@@ -137,15 +137,19 @@ def sample_tokens_of(cfg: RunConfig) -> int:
 
 def _entry(kind: str, name: str, cfg: RunConfig, config_path: Path, index: int, ae: Optional[AutoencoderConfig],
            world_size: int, size: Optional[str], grid: dict, depends: list[str]) -> dict:
+    from calm_pretrain.models.heads import evals_per_sample
+
     m = cfg.model
     per_token, infer = _flops(cfg, ae)
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size * sample_tokens_of(cfg)
     tokens = tokens_per_step * cfg.train.max_steps
     k = getattr(m, "k", None) if m.arch != "transformer" else None
     group = "Transformer" if m.arch == "transformer" else (f"AE K={k}" if m.arch == "autoencoder" else f"K={k}")
+    head = m.head if isinstance(m, CALMConfig) else None
     return {"name": name, "kind": kind, "arch": m.arch, "k": k, "size": size, "group": group, "grid": grid,
             "index": index, "config": str(config_path), "run_dir": cfg.train.output_dir, "params": _params(cfg),
             "context": cfg.data.seq_chunks, "sample_tokens": sample_tokens_of(cfg),
+            "head": head.type if head else None, "evals_per_vector": evals_per_sample(head) if head else None,
             "training_flops_per_token": per_token, "inference_flops_per_token": infer,
             "ae_counted": ae is not None, "tokens_per_step": tokens_per_step, "max_steps": cfg.train.max_steps,
             "tokens": tokens, "training_flops": per_token * tokens, "depends_on": depends}
@@ -469,8 +473,46 @@ def _write_eval_script(out: Path) -> None:
 EVAL_FILE = "sweep_eval.json"
 
 
+def heldout_energy_score(model, ae, blocks, num_samples: int = 8, num_target_samples: int = 32,
+                         seed: int = 0) -> float:
+    """Mean energy score (α = 1, lower is better) of a CALM's head samples for every next chunk of the
+    held-out token `blocks`, against samples of that chunk's AE posterior N(μ, σ²).
+
+    The energy loss of CALM_SPEC §2 on held-out data: a proper score of the predictive distribution in
+    latent space that needs only samples, so every head type can be scored by it (the energy head is
+    trained on it, the others are not). Per block the draws are: head samples, then target samples."""
+    import torch
+
+    from calm_pretrain.losses import energy_loss
+    from calm_pretrain.models.heads import posterior_samples
+
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in blocks:
+            ids = ids.to(device)
+            mu, log_sigma = ae.encode(ids)  # [B, N, d]: chunk n's posterior
+            h = model.hidden_states(ids[:, : -model.k])  # row n predicts chunk n + 1
+            x = model.head.sample(h, num_samples, generator=gen)
+            y = posterior_samples(mu[:, 1:], log_sigma[:, 1:], num_target_samples, gen)
+            score = energy_loss(x, targets=y)
+            total, count = total + float(score.double().sum()), count + score.numel()
+    return total / count
+
+
+def _eval_blocks(cfg: RunConfig) -> list:
+    """The held-out blocks that calm_pretrain.train.run.build_evaluator scores (the first
+    eval.max_blocks, default 16, of data.eval)."""
+    from data_pipeline.loader import ShardLoader
+
+    with ShardLoader(cfg.data.eval, global_batch_size=1, seed=0, prefetch=0) as loader:
+        return [next(loader)["ids"] for _ in range(min(cfg.eval.max_blocks or 16, loader.samples_per_epoch))]
+
+
 def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
-    """BrierLM of a point's newest checkpoint on `eval_dir`, written to <run_dir>/sweep_eval.json.
+    """BrierLM of a point's newest checkpoint on `eval_dir` (a CALM also gets its held-out energy score,
+    :func:`heldout_energy_score`), written to <run_dir>/sweep_eval.json.
 
     The same evaluation as the trainer's periodic one (calm_pretrain.train.run.build_evaluator), run
     after training. CALM training configs carry no model.ae_path: training on pre-encoded latents
@@ -499,9 +541,15 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     evaluate = build_evaluator(cfg)
     with torch.no_grad():
         scores = evaluate(model)
+    if isinstance(model_cfg, CALMConfig):
+        from data_pipeline.ae_io import load_autoencoder
+
+        ae = load_autoencoder(cfg.model.ae_path).eval()
+        scores["energy_score"] = heldout_energy_score(model, ae, _eval_blocks(cfg))
     result = {"step": step, "checkpoint": str(ckpt), "eval": eval_dir, **scores}
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")
-    log(f"{point['name']}: step {step} BrierLM {scores.get('brierlm', float('nan')):.4f}")
+    log(f"{point['name']}: step {step} BrierLM {scores.get('brierlm', float('nan')):.4f}"
+        + (f" energy score {scores['energy_score']:.4f}" if "energy_score" in scores else ""))
     return result
 
 
@@ -559,7 +607,12 @@ def _records(path: Path) -> list[dict]:
 
 
 def collect(plan_dir: str | os.PathLike):
-    """(runs table: one row per training point, steps table: one row per logged record) as DataFrames."""
+    """(runs table: one row per training point, steps table: one row per logged record) as DataFrames.
+
+    The final scores are the eval stage's (sweep_eval.json) or the last evaluation during training:
+    BrierLM, Brier-1 and, for CALM, the held-out energy score. seconds_per_step is the mean logged
+    step time, train_seconds = seconds_per_step × steps (the exact training-loop time when every step
+    is logged, train.log_every = 1)."""
     import pandas as pd
 
     plan_dir = Path(plan_dir)
@@ -575,12 +628,16 @@ def collect(plan_dir: str | os.PathLike):
         scored = Path(p["run_dir"]) / EVAL_FILE
         if scored.is_file():  # the eval stage: the newest checkpoint's score
             final = json.loads(scored.read_text())
-            evals.append({"step": final["step"], "eval/brierlm": final.get("brierlm", math.nan)})
+            evals.append({"step": final["step"], "eval/brierlm": final.get("brierlm", math.nan),
+                          **{f"eval/{k}": final[k] for k in ("brier_1", "energy_score") if k in final}})
         tokens_per_step = last.get("tokens", p["tokens_per_step"])
         step = int(last.get("step", 0))
         tokens = step * tokens_per_step
+        times = [r["step_time"] for r in recs if "step_time" in r]
+        per_step = sum(times) / len(times) if times else math.nan
         rows.append({
             "name": p["name"], "group": p["group"], "arch": p["arch"], "k": p["k"], "size": p["size"],
+            "head": p.get("head"), "evals_per_vector": p.get("evals_per_vector"),
             "params": p["params"], "context": p["context"],
             "training_flops_per_token": p["training_flops_per_token"],
             "inference_flops_per_token": p["inference_flops_per_token"],
@@ -589,6 +646,9 @@ def collect(plan_dir: str | os.PathLike):
             "final_loss": last.get("loss", math.nan),
             "final_brierlm": evals[-1]["eval/brierlm"] if evals else math.nan,
             "brierlm_step": evals[-1]["step"] if evals else None,
+            "final_brier_1": evals[-1].get("eval/brier_1", math.nan) if evals else math.nan,
+            "final_energy_score": evals[-1].get("eval/energy_score", math.nan) if evals else math.nan,
+            "seconds_per_step": per_step, "train_seconds": per_step * step,
             "status": "missing" if not recs else ("complete" if step >= p["max_steps"] else "partial"),
             "run_dir": p["run_dir"]})
         for r in recs:
@@ -761,7 +821,9 @@ def plot(runs, steps, fit_result: Optional[dict], out_dir: str | os.PathLike) ->
                 style = styles[sizes.index(str(d["size"].iloc[0]))] if str(d["size"].iloc[0]) in sizes else "-"
                 ax.plot(d["tokens"], d["loss"], style, color=colours.get(g, "k"), label=name, alpha=0.85)
             ax.set_xlabel("training tokens")
-            ax.set_ylabel("energy loss" if arch == "calm" else "cross-entropy")
+            heads = set(runs["head"].dropna()) if "head" in runs else set()
+            ax.set_ylabel("cross-entropy" if arch != "calm" else
+                          "energy loss" if heads <= {"energy"} else "head loss (each head its own: not comparable)")
             ax.set_title("CALM" if arch == "calm" else "Transformer baseline")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=6)
@@ -770,7 +832,56 @@ def plot(runs, steps, fit_result: Optional[dict], out_dir: str | os.PathLike) ->
         fig.savefig(path, dpi=150)
         plt.close(fig)
         written.append(path)
+    if "head" in runs and runs["head"].dropna().nunique() > 1:
+        written.append(plot_heads(runs, out_dir / "heads.png"))
     return written
+
+
+HEAD_PANELS = [  # (column, title, log scale): a training loss is not comparable across heads, so none here
+    ("final_brierlm", "BrierLM (higher is better)", False),
+    ("final_brier_1", "Brier-1 (higher is better)", False),
+    ("final_energy_score", "held-out energy score (lower is better)", False),
+    ("evals_per_vector", "network evaluations per vector", True),
+    ("training_flops_per_token", "training FLOPs / token", False),
+    ("inference_flops_per_token", "generation FLOPs / token", True),
+    ("train_seconds", "training seconds", False),
+    ("params", "parameters", False),
+]
+
+
+def _short(v: float) -> str:
+    return f"{v / 1e6:.3g}M" if abs(v) >= 1e5 else f"{v:.4g}"
+
+
+def plot_heads(runs, path: str | os.PathLike) -> Path:
+    """One bar per head type in each of HEAD_PANELS (a sweep over model.head.type, one run per head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = runs[runs["head"].notna()]
+    names = d["head"].tolist()
+    colours = [plt.get_cmap("tab10")(i) for i in range(len(names))]
+    fig, axes = plt.subplots(2, 4, figsize=(12, 5.6))
+    for ax, (column, title, log) in zip(axes.flat, HEAD_PANELS):
+        values = [float(v) for v in d[column]] if column in d else [math.nan] * len(names)
+        ax.bar(names, [0.0 if math.isnan(v) else v for v in values], color=colours)
+        for i, v in enumerate(values):
+            if not math.isnan(v):
+                ax.annotate(_short(v), (i, v), ha="center", va="bottom" if v >= 0 else "top", fontsize=7,
+                            xytext=(0, 2 if v >= 0 else -2), textcoords="offset points")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -795,7 +906,8 @@ def main(argv=None) -> int:
     s.add_argument("results", help="the table from collect (.csv or .parquet)")
     s.add_argument("--out", required=True, help="fit.json")
     s.add_argument("--form", choices=sorted(FIT_FORMS), default="loglinear")
-    s = sub.add_parser("plot", help="PNG figures: BrierLM vs training FLOPs, loss curves")
+    s = sub.add_parser("plot", help="PNG figures: BrierLM vs training FLOPs, loss curves (and heads.png for a "
+                                    "sweep over model.head.type)")
     s.add_argument("results")
     s.add_argument("--fit", help="fit.json (draws the fitted lines)")
     s.add_argument("--out", required=True, help="output directory")
@@ -821,6 +933,10 @@ def main(argv=None) -> int:
             paths = write_tables(runs, steps, args.out)
             print(runs[["name", "group", "steps", "tokens", "training_flops", "final_loss", "final_brierlm",
                         "status"]].to_string(index=False))
+            if runs["head"].dropna().nunique() > 1:  # a head comparison: the columns that compare heads
+                print(runs[["head", "evals_per_vector", "final_brierlm", "final_brier_1", "final_energy_score",
+                            "training_flops_per_token", "inference_flops_per_token", "train_seconds"]]
+                      .to_string(index=False))
             print("wrote " + ", ".join(str(v) for v in paths.values()))
         elif args.command == "fit":
             runs, steps = read_tables(args.results)

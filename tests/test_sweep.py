@@ -91,6 +91,14 @@ def test_scaling_plan_covers_k_and_sizes_with_stages_in_order(tmp_path):
     heads = make_plan(REPO / "configs/sweeps/heads.yaml", tmp_path / "heads")
     assert [p["grid"]["model.head.type"] for p in heads["points"]] == ["energy", "flow", "diffusion", "gmm", "mse"]
     assert not any(heads["stages"].values()) and "sbatch" in (tmp_path / "heads/submit.sh").read_text()
+    assert [p["head"] for p in heads["points"]] == ["energy", "flow", "diffusion", "gmm", "mse"]
+    assert [p["evals_per_vector"] for p in heads["points"]] == [1, 20, 100, 1, 1]  # 10 midpoint steps, 100 DDIM
+    for p in heads["points"]:  # each point's FLOPs are its own head's (calm_pretrain.flops.HEAD_FLOPS)
+        cfg = load_config(p["config"])
+        assert cfg.model.head.type == p["head"] and cfg.model.latent_dim == 64 and cfg.model.k == 4
+        assert p["inference_flops_per_token"] >= inference_flops_per_token(cfg.model, cfg.data.seq_chunks).total  # + AE
+    gen = {p["head"]: p["inference_flops_per_token"] for p in heads["points"]}
+    assert gen["diffusion"] > gen["flow"] > gen["energy"] and gen["mse"] < gen["gmm"]
 
 
 def test_fit_recovers_known_lines_and_falls_back_to_eval_history():
@@ -268,3 +276,69 @@ def test_collect_marks_missing_and_partial_runs(tmp_path):
     done = runs.set_index("name").loc["done"]
     assert done["tokens"] == 256 and done["training_flops"] == 2560.0 and done["final_brierlm"] == 3.0
     assert done["final_loss"] == 0.25 and len(steps) == 6  # the line cut short by a kill is skipped
+
+
+def test_heads_comparison_collect_and_plot(tmp_path):
+    """A sweep over model.head.type: collect carries the head, its evaluations per vector, the eval stage's
+    Brier-1 and held-out energy score, the training time from the logged step times; plot adds heads.png."""
+    heads = {"energy": 1, "flow": 20, "mse": 1}
+    plan = {"points": [
+        {"name": f"calm-{h}", "group": "K=4", "arch": "calm", "k": 4, "size": None, "head": h, "evals_per_vector": e,
+         "params": 1, "context": 8, "training_flops_per_token": 10.0 + e, "inference_flops_per_token": 2.0 * e,
+         "tokens_per_step": 64, "max_steps": 4, "tokens": 256, "training_flops": 2560.0, "run_dir": str(tmp_path / h)}
+        for h, e in heads.items()]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    for i, h in enumerate(heads):
+        (tmp_path / h).mkdir()
+        recs = [{"step": s, "loss": 1.0 / s, "tokens": 64, "step_time": 0.5 * (i + 1) * s} for s in range(1, 5)]
+        (tmp_path / h / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        scored = {"step": 4, "brierlm": float(i), "brier_1": 0.1 * i, "brier_2": 0.0, "energy_score": 10.0 - i}
+        (tmp_path / h / "sweep_eval.json").write_text(json.dumps(scored))
+    runs, steps = collect(tmp_path)
+    r = runs.set_index("head")
+    assert r["evals_per_vector"].to_dict() == heads
+    assert r["final_brierlm"].tolist() == [0.0, 1.0, 2.0] and r["final_brier_1"].tolist() == pytest.approx([0, 0.1, 0.2])
+    assert r["final_energy_score"].tolist() == [10.0, 9.0, 8.0]
+    # mean step time (1+2+3+4)/4 · 0.5 · (i+1) = 1.25 · (i+1) per step, times 4 steps
+    assert r["seconds_per_step"].tolist() == pytest.approx([1.25, 2.5, 3.75])
+    assert r["train_seconds"].tolist() == pytest.approx([5.0, 10.0, 15.0])
+    paths = write_tables(runs, steps, tmp_path / "results.csv")
+    written = plot(*read_tables(paths["csv"]), None, tmp_path / "plots")
+    assert [p.name for p in written] == ["brierlm_vs_flops.png", "loss_curves.png", "heads.png"]
+    w, h = _valid_png(written[-1])
+    assert w >= 600 and h >= 400 and written[-1].stat().st_size < 200_000
+
+
+def test_heldout_energy_score_against_the_broadcast_formula():
+    """heldout_energy_score (fused energy loss over blocks) against energy_loss_direct in float64, with
+    the mse head (deterministic samples: its prediction) and the same posterior draws."""
+    import torch
+
+    from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig
+    from calm_pretrain.losses import energy_loss_direct
+    from calm_pretrain.models import build_model
+    from calm_pretrain.sweep import heldout_energy_score
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ae = build_model(AutoencoderConfig(**shape, k=2, latent_dim=4, hidden_size=16, intermediate_size=24)).eval()
+    calm = build_model(CALMConfig(**shape, k=2, latent_dim=4, hidden_size=16, intermediate_size=32, num_layers=1,
+                                  num_heads=2, num_kv_heads=2, max_position_embeddings=32,
+                                  head=HeadConfig(type="mse", num_blocks=1))).eval()
+    torch.nn.init.normal_(calm.head.net.final_layer.linears[2].weight)  # not the zero-initialised output
+    blocks = [torch.randint(3, 64, (1, 12)) for _ in range(3)]  # 6 chunks each: 5 predicted
+    n, m = 3, 5
+    got = heldout_energy_score(calm, ae, blocks, num_samples=n, num_target_samples=m, seed=7)
+
+    gen = torch.Generator().manual_seed(7)
+    scores = []
+    with torch.no_grad():
+        for ids in blocks:
+            mu, log_sigma = ae.encode(ids)
+            pred = calm.head.net(calm.hidden_states(ids)[:, :-1]).double()  # causal: rows 0..4 of the full pass
+            eps = torch.randn((1, 5, m, 4), generator=gen).double()
+            y = mu[:, 1:, None, :].double() + log_sigma[:, 1:, None, :].double().exp() * eps
+            x = pred[:, :, None, :].expand(1, 5, n, 4)
+            scores.append(energy_loss_direct(x, y))
+    want = torch.cat([s.flatten() for s in scores]).mean().item()
+    assert got == pytest.approx(want, rel=1e-5)

@@ -229,7 +229,11 @@ class FlowHead(nn.Module):
         self.cfg = head_cfg
         self.latent_dim = latent_dim
         self.net = AdaLNMLP(hidden_size, latent_dim, head_cfg.num_blocks)
-        self.evals_per_sample = head_cfg.flow_steps * (2 if head_cfg.flow_solver == "midpoint" else 1)
+        self.evals_per_sample = self.evals_for(head_cfg)
+
+    @staticmethod
+    def evals_for(head_cfg) -> int:
+        return head_cfg.flow_steps * (2 if head_cfg.flow_solver == "midpoint" else 1)
 
     def reset_output(self) -> None:
         self.net.reset_output()
@@ -304,10 +308,14 @@ class DiffusionHead(nn.Module):
         self.cfg = head_cfg
         self.latent_dim = latent_dim
         self.net = AdaLNMLP(hidden_size, latent_dim, head_cfg.num_blocks)
-        self.evals_per_sample = head_cfg.diffusion_steps
+        self.evals_per_sample = self.evals_for(head_cfg)
         # a plain attribute, not a buffer: model.to(bf16) would round 1 − ᾱ_t near t = 0 to zero
         self.alphas_cumprod = cosine_alphas_cumprod(head_cfg.diffusion_train_steps)
         self._schedule_cache: dict = {}
+
+    @staticmethod
+    def evals_for(head_cfg) -> int:
+        return head_cfg.diffusion_steps
 
     def reset_output(self) -> None:
         self.net.reset_output()
@@ -481,6 +489,14 @@ HEADS: dict[str, type] = {
     "gmm": GMMHead,
     "mse": MSEHead,
 }
+
+
+def evals_per_sample(head_cfg) -> int:
+    """Network evaluations per generated vector of the head a config describes, without building it:
+    the head class's ``evals_for(head_cfg)`` where the count depends on the config, else its constant
+    ``evals_per_sample`` (the number an instance reports)."""
+    cls = HEADS[head_cfg.type]
+    return cls.evals_for(head_cfg) if hasattr(cls, "evals_for") else cls.evals_per_sample
 
 
 def build_head(hidden_size: int, latent_dim: int, head_cfg) -> nn.Module:
