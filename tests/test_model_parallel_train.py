@@ -3,7 +3,8 @@ reproduces the unsplit run and exports the same weights; TP=2 × PP=2 on 4 proce
 resumes to the same losses as a run straight through."""
 import torch
 
-from calm_pretrain.train.checkpoint import consolidated_state_dict
+from calm_pretrain.parallel.engine import _universal_copy
+from calm_pretrain.train.checkpoint import consolidated_state_dict, resolve_checkpoint
 from tests.test_train_resume import _config, _log, _losses, _run
 
 
@@ -18,10 +19,16 @@ def test_tensor_parallel_run_matches_the_unsplit_run_and_exports_the_same_weight
     assert [r[0] for r in b] == list(range(1, 7)) and a[0][1] != a[-1][1]
     for (_, x, gx), (_, y, gy) in zip(a, b):  # CALM: the replicated head draws the same noise on both ranks
         assert abs(x - y) < 1e-4 * abs(x) and abs(gx - gy) < 1e-3 * abs(gx), (a, b)
-    (sa, _), (sb, _) = consolidated_state_dict(flat), consolidated_state_dict(split)
+    (sa, _), (sb, model_cfg) = consolidated_state_dict(flat), consolidated_state_dict(split)
     assert sa.keys() == sb.keys()
     for name in sa:
         torch.testing.assert_close(sb[name], sa[name], rtol=1e-3, atol=1e-5)
+    # DeepSpeed's universal conversion, guided by the merge rules the checkpoint carries, joins the TP
+    # slices of every CALM parameter (head, compression, norms replicated) as our own consolidation does.
+    universal = _universal_copy(resolve_checkpoint(split) / "engine", model_cfg, False, False)
+    for name, weight in sb.items():
+        merged = torch.load(universal / "zero" / name / "fp32.pt", weights_only=False)["param"]
+        assert torch.equal(merged, weight), name
 
 
 def test_tp2_pp2_trains_and_resumes(tmp_path, data):
@@ -56,3 +63,27 @@ def test_tp2_pp2_trains_and_resumes(tmp_path, data):
     ids = torch.randint(3, 64, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(models[0].logits(ids), models[1].logits(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_at_another_layout_continues_the_same_training(tmp_path, data):
+    """One run, four layouts on two processes: TP=2 for steps 1-2, then PP=2, then plain DP=2, then TP=2
+    again. Each resume converts the checkpoint (TP slices merged or split, pipeline names mapped to the
+    model's and back, DP partitions re-cut) and the losses follow the straight unsplit run."""
+    straight = tmp_path / "straight"
+    assert _run(_config(tmp_path / "s.yaml", data, straight, arch="transformer", max_steps=8), straight,
+                world_size=1) == [0], _log(straight)
+    moved = tmp_path / "moved"
+    # The same global batch (4 samples) at every layout: DP=2 takes one micro-batch per step, not two.
+    legs = [(2, ["parallel.tensor=2"]), (4, ["parallel.pipeline=2"]), (6, ["train.grad_accum_steps=1"]),
+            (8, ["parallel.tensor=2"])]
+    for steps, extra in legs:
+        cfg = _config(tmp_path / f"m{steps}.yaml", data, moved, arch="transformer", max_steps=steps, save_every=2)
+        assert _run(cfg, moved, world_size=2, extra=extra) == [0, 0], _log(moved)
+    log = _log(moved)
+    for was, now in (("TP=2 PP=1 DP=1", "TP=1 PP=2 DP=1"), ("TP=1 PP=2 DP=1", "TP=1 PP=1 DP=2"),
+                     ("TP=1 PP=1 DP=2", "TP=2 PP=1 DP=1")):
+        assert f"resuming at layout {now} (was {was})" in log, log
+    a, b = _losses(straight), _losses(moved)
+    assert [r[0] for r in b] == list(range(1, 9)) and a[0][1] != a[-1][1]
+    for (_, x, gx), (_, y, gy) in zip(a, b):  # fp32 sums in another order: TP all-reduces, DP averages
+        assert abs(x - y) < 1e-4 * abs(x) and abs(gx - gy) < 1e-3 * abs(gx), (a, b)

@@ -327,7 +327,7 @@ def _train(rank, world_size, arch, tp, out_path):
     fresh = build_model(cfg.model)
     apply_tensor_parallel(fresh)
     engine2 = DeepSpeedEngine(fresh, cfg, world_size, mpu=DeepSpeedMPU())
-    engine2.load(ckpt)
+    engine2.load(ckpt, engine2.layout)  # the same layout: each rank reads its own files
     for (n, a), b in zip(engine.module.state_dict().items(), engine2.module.state_dict().values()):
         assert torch.equal(a, b), n
     if rank == 0:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -81,7 +83,10 @@ class TorchEngine:
         torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                    path / "engine.pt")
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, saved: "ParallelLayout") -> None:
+        if not (path / "engine.pt").is_file():
+            raise FileNotFoundError(f"{path}: no engine.pt; this checkpoint was written by DeepSpeed ({saved}): "
+                                    "resume it under torchrun or with train.engine=deepspeed")
         state = torch.load(path / "engine.pt", map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -192,6 +197,7 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         world_size = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+        self.layout = ParallelLayout.of(vars(cfg.parallel), world_size)
         self.ds_config = deepspeed_config(cfg, world_size, torch.cuda.is_available())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, cfg), config=self.ds_config, mpu=mpu)
@@ -230,44 +236,86 @@ class DeepSpeedEngine:
         return float(norm), applied
 
     def save(self, path: Path) -> None:
-        """Each rank writes its partition of the model and optimizer state under `path`."""
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        save_deepspeed_checkpoint(self.engine, path, self.module)
 
-    def load(self, path: Path) -> None:
-        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+    def load(self, path: Path, saved: ParallelLayout) -> None:
+        load_deepspeed_checkpoint(self.engine, path, saved, self.layout, self.module.config)
 
-        try:
-            self._load(path)
-        except ZeRORuntimeException as e:
-            if "world size" not in str(e):
-                raise
-            self._load(self._universal_copy(path), universal=True)
 
-    def _load(self, path: Path, universal: bool = False) -> None:
-        self.engine._config.load_universal_checkpoint = universal
-        try:
-            load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False, load_module_strict=True)
-        finally:
-            self.engine._config.load_universal_checkpoint = False
-        if load_path is None:
-            raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a run's ranks are arranged: tensor x pipeline x data parallel."""
 
-    def _universal_copy(self, path: Path) -> Path:
-        """The checkpoint was written at another data-parallel size: convert it (once, on rank 0) to
-        DeepSpeed's universal format, whose per-parameter optimizer state any DP size can load."""
-        import argparse
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
 
-        from deepspeed.checkpoint import ds_to_universal
+    @classmethod
+    def of(cls, parallel: dict, world_size: int) -> "ParallelLayout":
+        """From a config's ``parallel`` section (as a dict: a saved run's may predate some keys)."""
+        tp, pp = parallel.get("tensor", 1), parallel.get("pipeline", 1)
+        return cls(tp, pp, world_size // (tp * pp))
 
-        from calm_pretrain.parallel.distributed import barrier, rank
+    def __str__(self) -> str:
+        return f"TP={self.tensor} PP={self.pipeline} DP={self.data}"
 
-        out = path.with_name(path.name + "_universal")
-        if rank() == 0 and not (out / "zero").is_dir():
-            tmp = path.with_name(out.name + ".partial")
-            ds_to_universal.main(argparse.Namespace(
-                input_folder=str(path), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-                keep_temp_folder=False, strict=True, inject_missing_state=True))
-            os.replace(tmp, out)
-        barrier()
-        return out
+
+def save_deepspeed_checkpoint(engine, path: Path, model: nn.Module) -> None:
+    """Each rank writes its partition of the model and optimizer state under `path`. A tensor-parallel
+    model also records how its slices merge, which the conversion to another layout reads."""
+    from calm_pretrain.parallel.tensor import universal_checkpoint_info
+
+    info = universal_checkpoint_info(model)
+    engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False,
+                           client_state={"universal_checkpoint_info": info} if info else {})
+
+
+def load_deepspeed_checkpoint(engine, path: Path, saved: ParallelLayout, now: ParallelLayout, model_config) -> None:
+    """Load a checkpoint written at layout `saved` into a run at layout `now`.
+
+    At the same layout every rank reads its own files. At another one (TP, PP or DP size) the
+    checkpoint is first converted, once, to DeepSpeed's universal format: every parameter's full fp32
+    weight and Adam moments under its own name (DP partitions joined, TP slices merged as the saved
+    model recorded), which each rank of the new layout slices again. Parameter names follow the engine:
+    a pipeline's are ``<layer index>.<name in the layer>``, so a change between a pipeline and none
+    renames them on the way."""
+    if saved == now:
+        return _load(engine, path)
+    _load(engine, _universal_copy(path, model_config, saved.pipeline > 1, now.pipeline > 1), universal=True)
+
+
+def _load(engine, path: Path, universal: bool = False) -> None:
+    engine._config.load_universal_checkpoint = universal
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if load_path is None:
+        raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
+
+
+def _universal_copy(path: Path, model_config, from_pipeline: bool, to_pipeline: bool) -> Path:
+    """`path` converted (on rank 0, once per target naming) to the universal format, beside it."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from calm_pretrain.parallel.distributed import barrier, rank
+    from calm_pretrain.parallel.pipeline import pipeline_parameter_names
+
+    out = path.with_name(path.name + ("_universal_pipeline" if to_pipeline else "_universal"))
+    if rank() == 0 and not (out / "zero").is_dir():
+        tmp = path.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(path), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=True))
+        if from_pipeline != to_pipeline:
+            to_pipe = pipeline_parameter_names(model_config)
+            rename = {v: k for k, v in to_pipe.items()} if from_pipeline else to_pipe
+            for old, new in rename.items():
+                os.rename(tmp / "zero" / old, tmp / "zero" / new)
+        os.replace(tmp, out)
+    barrier()
+    return out

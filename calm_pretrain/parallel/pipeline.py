@@ -128,9 +128,10 @@ class PipelineEngine:
         import deepspeed
         from deepspeed.pipe import PipelineModule
 
-        from calm_pretrain.parallel.engine import build_optimizer, deepspeed_config
+        from calm_pretrain.parallel.engine import ParallelLayout, build_optimizer, deepspeed_config
 
         self.cfg, self.module = cfg, model
+        self.layout = ParallelLayout.of(vars(cfg.parallel), world_size)
         layers, loss_fn = pipeline_layers(model)
         self.pipe = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn,
                                    partition_method="parameters", activation_checkpoint_interval=0)
@@ -139,7 +140,13 @@ class PipelineEngine:
         local = {id(m) for m in self.pipe.forward_funcs}
         for layer in layers:
             if id(layer) not in local:
+                # New parameter objects on the meta device: keep the full shapes of tensor-parallel
+                # slices, which the model's signature (the same on every rank) reports.
+                unsplit = {n: p.unsplit_shape for n, p in layer.named_parameters() if hasattr(p, "unsplit_shape")}
                 layer.to("meta")
+                for n, p in layer.named_parameters():
+                    if n in unsplit:
+                        p.unsplit_shape = unsplit[n]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.pipe, optimizer=build_optimizer(self.pipe, cfg),
             config=deepspeed_config(cfg, world_size, torch.cuda.is_available()))
@@ -169,13 +176,28 @@ class PipelineEngine:
         return float(loss), int(tokens[0] * self.token_share), grad_norm, applied
 
     def save(self, path) -> None:
-        self.engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False)
+        from calm_pretrain.parallel.engine import save_deepspeed_checkpoint
 
-    def load(self, path) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-        if load_path is None:
-            raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
+        save_deepspeed_checkpoint(self.engine, path, self.module)
+
+    def load(self, path, saved) -> None:
+        from calm_pretrain.parallel.engine import load_deepspeed_checkpoint
+
+        load_deepspeed_checkpoint(self.engine, path, saved, self.layout, self.module.config)
+
+
+def pipeline_parameter_names(model_config) -> dict[str, str]:
+    """{model parameter name: its name in the PipelineModule} (``transformer.layers.0.mlp.up_proj.weight``
+    -> ``1.layer.mlp.up_proj.weight``), from the layer list built on the meta device: each wrapper's
+    parameter is matched to the model's by identity, so the mapping needs no bookkeeping."""
+    from calm_pretrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_config)
+    names = {id(p): name for name, p in model.named_parameters()}
+    layers, _ = pipeline_layers(model)
+    return {names[id(p)]: f"{idx}.{wrapper_name}" for idx, layer in enumerate(layers)
+            for wrapper_name, p in layer.named_parameters()}
 
 
 def pipeline_state_dict(engine_dir, model_config) -> dict:
@@ -187,25 +209,25 @@ def pipeline_state_dict(engine_dir, model_config) -> dict:
     tensor-parallel shards of each name are then merged."""
     from pathlib import Path
 
-    from calm_pretrain.models import build_model
     from calm_pretrain.parallel.tensor import merge_tensor_parallel_shards
 
-    with torch.device("meta"):
-        model = build_model(model_config)
-    names = {id(p): name for name, p in model.named_parameters()}
-    layers, _ = pipeline_layers(model)
+    names = pipeline_parameter_names(model_config)
+    by_layer: dict[str, dict[str, str]] = {}  # layer index -> {name in the layer: model name}
+    for name, pipe_name in names.items():
+        idx, wrapper_name = pipe_name.split(".", 1)
+        by_layer.setdefault(idx, {})[wrapper_name] = name
     per_rank: list[dict] = []
-    for idx, layer in enumerate(layers):
-        files = sorted(Path(engine_dir).glob(f"layer_{idx:02d}-*model_states.pt"))
+    for idx, layer_names in sorted(by_layer.items(), key=lambda kv: int(kv[0])):
+        files = sorted(Path(engine_dir).glob(f"layer_{int(idx):02d}-*model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{engine_dir}: no checkpoint file for pipeline layer {idx}")
         per_rank += [{} for _ in range(len(files) - len(per_rank))]
         for rank_state, path in zip(per_rank, files):  # model_00, model_01, ...: tensor-parallel ranks
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            for wrapper_name, p in layer.named_parameters():
-                rank_state[names[id(p)]] = saved[wrapper_name]
+            for wrapper_name, name in layer_names.items():
+                rank_state[name] = saved[wrapper_name]
     state = per_rank[0] if len(per_rank) == 1 else merge_tensor_parallel_shards(per_rank, model_config.vocab_size)
-    missing = set(names.values()) - set(state)
+    missing = set(names) - set(state)
     if missing:
         raise KeyError(f"{engine_dir}: the pipeline layers do not cover {sorted(missing)[:5]}")
     return state

@@ -131,6 +131,7 @@ def _finish(new: nn.Module, old: nn.Module, dim: int, rank: int, size: int, padd
     new.to(full.device)
     new.weight.requires_grad_(old.weight.requires_grad)
     set_tensor_model_parallel_attributes(new.weight, True, dim, 1)
+    new.weight.unsplit_shape = tuple(old.weight.shape)  # what a resume at another TP size must match
     return new
 
 
@@ -206,6 +207,36 @@ def apply_tensor_parallel(model: nn.Module, tp_group=None) -> int:
         count += 1
     model._tensor_parallel_size = size
     return count
+
+
+def universal_checkpoint_info(model: nn.Module) -> Optional[dict]:
+    """How DeepSpeed's universal converter (``ds_to_universal``) merges this model's tensor-parallel
+    slices, and how a run at another TP size cuts them again; saved with every checkpoint of a model
+    with a Backbone, split or not (None without one). Column-parallel and vocabulary slices join along
+    dim 0 (the vocabulary's zero padding is dropped, and re-added for the new TP size on load),
+    row-parallel ones along dim 1; every other parameter is replicated and its slices must agree.
+    Patterns match a flat name (``transformer.layers.0.self_attn.o_proj.weight``) and a pipeline one
+    (``1.layer.self_attn.o_proj.weight``) alike."""
+    vocab = {getattr(b.embed_tokens, "unpadded_num_embeddings", b.embed_tokens.num_embeddings)
+             for b in model.modules() if isinstance(b, Backbone)}
+    if not vocab:
+        return None
+    if len(vocab) != 1:
+        raise ValueError(f"expected one vocabulary size across the model's backbones, found {sorted(vocab)}")
+    # A decoder layer is ``...layers.<i>.`` in the model and ``<stage layer>.layer.`` in a pipeline; the
+    # energy head's own ``down_proj`` (``mlp_generator.mlp_blocks.0.down_proj``) is not one of them.
+    layer = r"^(.*\.)?(layers\.\d+|\d+\.layer)\."
+
+    def one_of(parent, names):
+        return rf"{parent}\.({'|'.join(names)})"
+
+    column = rf"{layer}({one_of('self_attn', _COLUMN)}|{one_of('mlp', _MLP_COLUMN)})\.weight$"
+    row = rf"{layer}({one_of('self_attn', _ROW)}|{one_of('mlp', _MLP_ROW)})\.weight$"
+    embedding = r"^(.*\.)?embed_tokens\.weight$"
+    return {"tp_replicated_parameter_patterns": [rf"^(?!{column}|{row}|{embedding})"],
+            "parameter_with_row_parallelism_patterns": [row],
+            "vocabulary_parameter_patterns": [embedding],
+            "original_vocab_size": vocab.pop()}
 
 
 def _split_modules(model: nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig
 from calm_pretrain.parallel import distributed as dist
-from calm_pretrain.parallel.engine import TorchEngine
+from calm_pretrain.parallel.engine import ParallelLayout, TorchEngine
 from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, read_trainer_state
 from calm_pretrain.train.schedule import lr_for
 from calm_pretrain.train.signals import StopRequest
@@ -35,8 +35,10 @@ def model_loss(config, forward: Callable, batch: dict) -> tuple[torch.Tensor, di
 
 
 def model_signature(model: nn.Module) -> dict:
-    """Architecture and every parameter's shape: what must not change across a resume."""
-    shapes = {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    """Architecture and every parameter's full shape (not a ZeRO-3 partition or a tensor-parallel slice):
+    what must not change across a resume, at any layout."""
+    shapes = {name: list(getattr(p, "unsplit_shape", getattr(p, "ds_shape", p.shape)))
+              for name, p in model.named_parameters()}
     return {"arch": model.config.arch, "parameters": shapes}
 
 
@@ -268,9 +270,14 @@ class Trainer:
             return None
         state = read_trainer_state(path)
         self.load_state_dict(state, source=str(path))  # refuses changed models or data before any loading
-        self.engine.load(path / "engine")
-        exact = self.checkpointer.load_rng(path) and state["world_size"] == self.world_size
+        saved = ParallelLayout.of(state["config"].get("parallel", {}), state["world_size"])
+        now = ParallelLayout.of(vars(self.cfg.parallel), self.world_size)
+        if saved != now:
+            self.log(f"resuming at layout {now} (was {saved}): the checkpoint is converted to DeepSpeed's "
+                     f"universal format and re-partitioned")
+        self.engine.load(path / "engine", saved)
+        exact = self.checkpointer.load_rng(path) and saved == now
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {path} at step {self.step}"
-                 + ("" if exact else f" (world size {state['world_size']} -> {self.world_size}: RNG streams differ)"))
+                 + ("" if exact else f" (layout {saved} -> {now}: RNG streams differ)"))
         return path
