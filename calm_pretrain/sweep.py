@@ -515,15 +515,14 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     :func:`heldout_energy_score`), written to <run_dir>/sweep_eval.json.
 
     The same evaluation as the trainer's periodic one (calm_pretrain.train.run.build_evaluator), run
-    after training. CALM training configs carry no model.ae_path: training on pre-encoded latents
-    does not need the autoencoder, and run.data_expectations cannot take an ae_path yet (it hands the
-    path, not the loaded AE, to autoencoder_fingerprint), so CALM is scored here, with the AE of its K."""
+    after training. CALM training configs carry no model.ae_path (training on pre-encoded latents does
+    not need the autoencoder), so CALM is scored here, with the AE of its K."""
     import torch
 
     from calm_pretrain.config import config_from_dict
     from calm_pretrain.models import build_model
     from calm_pretrain.train.checkpoint import consolidated_state_dict, read_trainer_state, resolve_checkpoint
-    from calm_pretrain.train.run import build_evaluator
+    from calm_pretrain.train.run import build_evaluator, load_frozen_autoencoder
 
     run_dir = Path(point["run_dir"])
     ckpt = resolve_checkpoint(run_dir)
@@ -538,13 +537,11 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     model = build_model(model_cfg)
     model.load_state_dict(state)
     model.eval()
-    evaluate = build_evaluator(cfg)
+    ae = load_frozen_autoencoder(cfg)
+    evaluate = build_evaluator(cfg, ae)
     with torch.no_grad():
         scores = evaluate(model)
-    if isinstance(model_cfg, CALMConfig):
-        from data_pipeline.ae_io import load_autoencoder
-
-        ae = load_autoencoder(cfg.model.ae_path).eval()
+    if ae is not None:
         scores["energy_score"] = heldout_energy_score(model, ae, _eval_blocks(cfg))
     result = {"step": step, "checkpoint": str(ckpt), "eval": eval_dir, **scores}
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")

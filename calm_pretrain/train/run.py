@@ -33,22 +33,33 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def data_expectations(cfg: RunConfig) -> dict:
-    """What the shards must have been made for: the loader refuses anything else, naming the file."""
+def load_frozen_autoencoder(cfg: RunConfig) -> Optional[torch.nn.Module]:
+    """CALM's frozen AE (`model.ae_path`), or None. Loaded once per run, before any seed is set, so a
+    run draws the same random numbers with or without it."""
+    if not (isinstance(cfg.model, CALMConfig) and cfg.model.ae_path):
+        return None
+    from data_pipeline.ae_io import load_autoencoder
+
+    return load_autoencoder(cfg.model.ae_path).eval()
+
+
+def data_expectations(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> dict:
+    """What the shards must have been made for: the loader refuses anything else, naming the file.
+    With CALM's frozen AE given, latent shards must also have been encoded by it."""
     m = cfg.model
     if isinstance(m, CALMConfig):
         expect = {"k": m.k, "latent_dim": m.latent_dim, "sample_tokens": cfg.data.seq_chunks * m.k}
-        if m.ae_path:
-            from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+        if ae is not None:
+            from data_pipeline.ae_io import autoencoder_fingerprint
 
-            expect["ae_fingerprint"] = autoencoder_fingerprint(load_autoencoder(m.ae_path))
+            expect["ae_fingerprint"] = autoencoder_fingerprint(ae)
         return expect
     if isinstance(m, AutoencoderConfig):
         return {"k": m.k, "sample_tokens": cfg.data.seq_chunks * m.k}
     return {"sample_tokens": cfg.data.seq_chunks}
 
 
-def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int):
+def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[torch.nn.Module] = None):
     from data_pipeline.loader import ShardLoader
 
     if not cfg.data.train:
@@ -57,12 +68,13 @@ def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int):
     return ShardLoader(cfg.data.train, cfg.data.weights or None,
                        global_batch_size=t.micro_batch_size * t.grad_accum_steps * dp_world_size,
                        micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
-                       seed=cfg.data.seed, expect=data_expectations(cfg), pin_memory=True)
+                       seed=cfg.data.seed, expect=data_expectations(cfg, ae), pin_memory=True)
 
 
-def build_evaluator(cfg: RunConfig) -> Optional[Callable]:
+def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Optional[Callable]:
     """The periodic evaluation of `data.eval` (held-out token shards): AE reconstruction accuracy
-    (clean and with σ=0.3 latent noise), or BrierLM for CALM (needs `model.ae_path`) and the Transformer."""
+    (clean and with σ=0.3 latent noise), or BrierLM for CALM (needs its frozen AE, `ae`) and the
+    Transformer."""
     if not cfg.data.eval:
         return None
     from data_pipeline.loader import ShardLoader
@@ -86,16 +98,13 @@ def build_evaluator(cfg: RunConfig) -> Optional[Callable]:
         return evaluate
     from calm_pretrain.brier import evaluate_brier
 
-    ae = None
-    if isinstance(cfg.model, CALMConfig):
-        if not cfg.model.ae_path:
-            raise ValueError("data.eval is set for a CALM run but model.ae_path is not: BrierLM needs the autoencoder")
-        from data_pipeline.ae_io import load_autoencoder
-
-        ae = load_autoencoder(cfg.model.ae_path).to(_device()).eval()
+    if isinstance(cfg.model, CALMConfig) and ae is None:
+        raise ValueError("data.eval is set for a CALM run but model.ae_path is not: BrierLM needs the autoencoder")
 
     def evaluate(model):
-        scores = evaluate_brier(model, blocks, ae=ae, generator=torch.Generator().manual_seed(0))
+        device = next(model.parameters()).device
+        scores = evaluate_brier(model, blocks, ae=None if ae is None else ae.to(device),
+                                generator=torch.Generator().manual_seed(0))
         return {k: v for k, v in scores.items() if k == "brierlm" or k.startswith("brier_")}
     return evaluate
 
@@ -173,6 +182,7 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     if rank == 0:
         (out / "ranks.txt").write_text("\n".join(ranks) + "\n")
 
+    ae = load_frozen_autoencoder(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     with torch.device(device):
         model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size) if use_deepspeed \
@@ -191,7 +201,7 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     # the ranks of one replica (its replicated head must see one draw); checkpoints keep it.
     torch.manual_seed(cfg.train.seed * 1_000_003 + coords.dp_rank)
 
-    loader = build_loader(cfg, coords.dp_rank, coords.dp_size)
+    loader = build_loader(cfg, coords.dp_rank, coords.dp_size, ae)
     if topology is not None:
         from calm_pretrain.parallel.pipeline import PipelineEngine
 
@@ -219,7 +229,7 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
         callbacks.append(WandbCallback(out, cfg.to_dict(), cfg.train.wandb_project, cfg.name, cfg.train.wandb, rank))
     if cfg.train.tensorboard:
         callbacks.append(TensorBoardCallback(out / "tensorboard", rank))
-    evaluate = build_evaluator(cfg)
+    evaluate = build_evaluator(cfg, ae)
     if evaluate is not None and topology is not None:
         say("data.eval: periodic evaluation is not run under pipeline parallelism (no rank holds the whole "
             "model); evaluate the exported release instead")
