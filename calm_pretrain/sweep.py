@@ -801,11 +801,7 @@ def plot(runs, steps, fit_result: Optional[dict], out_dir: str | os.PathLike) ->
     ax.set_title("BrierLM vs training compute")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "brierlm_vs_flops.png"
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save_figure(fig, out_dir / "brierlm_vs_flops.png"))
 
     if steps is not None and len(steps) and "loss" in steps:
         archs = [a for a in ("calm", "transformer") if (steps["arch"] == a).any()]
@@ -824,11 +820,7 @@ def plot(runs, steps, fit_result: Optional[dict], out_dir: str | os.PathLike) ->
             ax.set_title("CALM" if arch == "calm" else "Transformer baseline")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out_dir / "loss_curves.png"
-        fig.savefig(path, dpi=150)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(fig, out_dir / "loss_curves.png"))
     if "head" in runs and runs["head"].dropna().nunique() > 1:
         written.append(plot_heads(runs, out_dir / "heads.png"))
     return written
@@ -873,10 +865,16 @@ def plot_heads(runs, path: str | os.PathLike) -> Path:
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(True, axis="y", alpha=0.3)
+    return _save_figure(fig, path, dpi=100)
+
+
+def _save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

@@ -207,6 +207,14 @@ class AdaLNMLP(nn.Module):
     def condition(self, h: torch.Tensor) -> torch.Tensor:
         return self.cond_embed(h)
 
+    def start_sampling(self, h: torch.Tensor, num_samples: int, generator: Optional[torch.Generator]):
+        """A sampler's start: (c [P, 1, H] for the positions of h [..., H] flattened, standard normal
+        noise x [P, num_samples, d]). The noise is the first draw of the sampler."""
+        c = self.condition(h.reshape(-1, 1, h.shape[-1]))
+        x = torch.randn((c.shape[0], num_samples, self.input_proj.in_features), generator=generator,
+                        device=h.device, dtype=h.dtype)
+        return c, x
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         y = c + self.time_embed(t)
         x = self.input_proj(x)
@@ -261,10 +269,8 @@ class FlowHead(nn.Module):
         return self.loss_from(h, x1, x0, t)
 
     def sample(self, h: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None):
-        lead, width = h.shape[:-1], h.shape[-1]
-        c = self.net.condition(h.reshape(-1, 1, width))
-        x = torch.randn((c.shape[0], num_samples, self.latent_dim), generator=generator, device=h.device,
-                        dtype=h.dtype)
+        lead = h.shape[:-1]
+        c, x = self.net.start_sampling(h, num_samples, generator)
         steps = self.cfg.flow_steps
         dt = 1.0 / steps
         for i in range(steps):
@@ -354,10 +360,8 @@ class DiffusionHead(nn.Module):
         return self.loss_from(h, x0, eps, t)
 
     def sample(self, h: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None):
-        lead, width = h.shape[:-1], h.shape[-1]
-        c = self.net.condition(h.reshape(-1, 1, width))
-        x = torch.randn((c.shape[0], num_samples, self.latent_dim), generator=generator, device=h.device,
-                        dtype=h.dtype)
+        lead = h.shape[:-1]
+        c, x = self.net.start_sampling(h, num_samples, generator)
         abar = self.alphas_cumprod.tolist()  # python floats (double precision) for the coefficients
         steps = self.sampling_timesteps()
         for i in reversed(range(len(steps))):
