@@ -84,6 +84,25 @@ def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _signal_job_when(sbatch_args, env, log, job_id: str, ready, settle: float = 0.0) -> int:
+    """Submit a job, and once `ready()` holds (and `settle` seconds later) send SIGUSR1 to its batch
+    shell only, as `#SBATCH --signal=B:USR1@120` does before a time limit; the job's exit code."""
+    with open(log, "ab") as out:
+        job = subprocess.Popen(["sbatch", *sbatch_args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not ready():
+            assert job.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.01)
+        time.sleep(settle)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+        return job.wait(240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_scripts_parse_and_pass_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
@@ -104,22 +123,9 @@ def test_two_nodes_signal_save_requeue_resume(tmp_path, tokens):
     cfg = _config(tmp_path / "my configs" / "tiny run.yaml", tokens, unused, max_steps=steps)
     env = _env(tmp_path, SLURM_STANDIN_JOB_ID="4242", RUN_DIR=str(run_dir))
     log = tmp_path / "job.log"
-    with open(log, "ab") as out:
-        job = subprocess.Popen(["sbatch", "--nodes=2", "--nodelist=127.0.0.[1-2]", "slurm/train.sbatch", str(cfg),
-                                "train.lr=0.002"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.time() + 180
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            assert job.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.01)
-        # What `#SBATCH --signal=B:USR1@120` does before the time limit: SIGUSR1 to the batch shell only.
-        subprocess.run(["scancel", "--signal=USR1", "--batch", "4242"], env=env, check=True)
-        code = job.wait(240)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+    metrics = run_dir / "metrics.jsonl"
+    code = _signal_job_when(["--nodes=2", "--nodelist=127.0.0.[1-2]", "slurm/train.sbatch", str(cfg), "train.lr=0.002"],
+                            env, log, "4242", ready=lambda: metrics.is_file() and metrics.read_text().strip())
     text = log.read_text()
     assert code == 0, text
     first, _, second = text.partition("job 4242 (calm-train) restart 1 on")
@@ -152,19 +158,9 @@ def test_signal_while_the_ranks_start_still_requeues(tmp_path, tokens):
     cfg = _config(tmp_path / "c.yaml", tokens, run_dir, max_steps=3)
     env = _env(tmp_path, SLURM_STANDIN_JOB_ID="77")
     log = tmp_path / "job.log"
-    with open(log, "ab") as out:
-        job = subprocess.Popen(["sbatch", "--nodes=2", "--nodelist=127.0.0.[1-2]", "slurm/train.sbatch", str(cfg)],
-                               cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        while "run directory" not in log.read_text():  # printed just before srun starts the ranks
-            assert job.poll() is None, log.read_text()
-            time.sleep(0.01)
-        time.sleep(0.5)  # srun has started the ranks; they are still importing torch
-        subprocess.run(["scancel", "--signal=USR1", "--batch", "77"], env=env, check=True)
-        code = job.wait(240)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+    # "run directory" is printed just before srun starts the ranks; 0.5 s later they are importing torch.
+    code = _signal_job_when(["--nodes=2", "--nodelist=127.0.0.[1-2]", "slurm/train.sbatch", str(cfg)], env, log, "77",
+                            ready=lambda: "run directory" in log.read_text(), settle=0.5)
     text = log.read_text()
     first, _, second = text.partition("job 77 (calm-train) restart 1 on")
     assert code == 0 and second, text

@@ -369,3 +369,30 @@ def test_rank_order_and_zero1_tp2_dp2_training(tmp_path):
     out = tmp_path / "history.json"
     run_distributed_test(_rank_order_then_train, 4, out)
     print(_check_history(out))
+
+
+@pytest.mark.parametrize("arch", ["calm", "transformer"])
+def test_universal_merge_rules_classify_every_parameter_as_the_plan_splits_it(arch):
+    """The regex rules DeepSpeed's converter reads (flat and pipeline names) put every parameter in the
+    class the plan's name parser gives it; the energy head's own down_proj stays replicated."""
+    import re
+
+    from calm_pretrain.config import load_config
+    from calm_pretrain.models import build_model
+    from calm_pretrain.parallel.pipeline import pipeline_parameter_names
+    from calm_pretrain.parallel.tensor import split_dim_of, universal_checkpoint_info
+
+    cfg = load_config("configs/tiny/calm.yaml", []) if arch == "calm" else load_config(None, ["model.arch=transformer"])
+    info = universal_checkpoint_info(build_model(cfg.model))
+    matches = {k: info[k] for k in ("tp_replicated_parameter_patterns", "parameter_with_row_parallelism_patterns",
+                                    "vocabulary_parameter_patterns")}
+    names = pipeline_parameter_names(cfg.model)
+    assert any("mlp_generator" in n and "down_proj" in n for n in names) == (arch == "calm")
+    for flat, pipe in names.items():
+        for name in (flat, pipe):
+            hit = {k for k, patterns in matches.items() if any(re.match(p, name) for p in patterns)}
+            replicated = "tp_replicated_parameter_patterns" in hit
+            dim = None if replicated else (1 if "parameter_with_row_parallelism_patterns" in hit else 0)
+            assert dim == split_dim_of(flat), (name, hit)
+            assert ("vocabulary_parameter_patterns" in hit) == flat.endswith("embed_tokens.weight"), name
+    assert info["original_vocab_size"] == cfg.model.vocab_size

@@ -30,6 +30,7 @@ every rank (they carry megatron's ``tensor_model_parallel`` attribute), then sum
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -45,6 +46,9 @@ _COLUMN = ("q_proj", "k_proj", "v_proj")
 _ROW = ("o_proj",)
 _MLP_COLUMN = ("gate_proj", "up_proj")
 _MLP_ROW = ("down_proj",)
+# Where in a decoder layer each split projection lives, and along which dimension it is split.
+_SPLIT_DIM = {**{f"self_attn.{n}": 0 for n in _COLUMN}, **{f"self_attn.{n}": 1 for n in _ROW},
+              **{f"mlp.{n}": 0 for n in _MLP_COLUMN}, **{f"mlp.{n}": 1 for n in _MLP_ROW}}
 
 
 class _NoExtraState:
@@ -227,11 +231,10 @@ def universal_checkpoint_info(model: nn.Module) -> Optional[dict]:
     # energy head's own ``down_proj`` (``mlp_generator.mlp_blocks.0.down_proj``) is not one of them.
     layer = r"^(.*\.)?(layers\.\d+|\d+\.layer)\."
 
-    def one_of(parent, names):
-        return rf"{parent}\.({'|'.join(names)})"
+    def split_along(dim):
+        return rf"{layer}({'|'.join(re.escape(n) for n, d in _SPLIT_DIM.items() if d == dim)})\.weight$"
 
-    column = rf"{layer}({one_of('self_attn', _COLUMN)}|{one_of('mlp', _MLP_COLUMN)})\.weight$"
-    row = rf"{layer}({one_of('self_attn', _ROW)}|{one_of('mlp', _MLP_ROW)})\.weight$"
+    column, row = split_along(0), split_along(1)
     embedding = r"^(.*\.)?embed_tokens\.weight$"
     return {"tp_replicated_parameter_patterns": [rf"^(?!{column}|{row}|{embedding})"],
             "parameter_with_row_parallelism_patterns": [row],
@@ -286,8 +289,6 @@ def shard_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> di
     return local
 
 
-_SPLIT_DIM = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
-              "mlp.gate_proj": 0, "mlp.up_proj": 0, "mlp.down_proj": 1}
 
 
 def split_dim_of(name: str, prefix: str = "transformer.") -> Optional[int]:
