@@ -312,15 +312,11 @@ def load_trained(run_dir: Path):
     import contextlib
     import io
 
-    from calm_pretrain.models import build_model
-    from calm_pretrain.train.checkpoint import consolidated_state_dict
+    from calm_pretrain.train.checkpoint import trained_model
 
     chatter = io.StringIO()  # DeepSpeed's consolidation prints its progress
     with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        state, cfg = consolidated_state_dict(run_dir)
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    return model.eval()
+        return trained_model(run_dir)
 
 
 def held_out_blocks(path: Path, n: int, batch: int = 8):
@@ -390,6 +386,7 @@ def run_demo(run_dir: str | Path = "runs/demo", config: Optional[str | Path] = N
     import torch
 
     from calm_pretrain.flops import training_flops_per_token
+    from calm_pretrain.models import count_config_parameters
 
     pipe = load_pipeline(config, overrides)
     run = Path(run_dir).resolve()
@@ -501,7 +498,7 @@ def run_demo(run_dir: str | Path = "runs/demo", config: Optional[str | Path] = N
             tokens = rows[-1]["step"] * t.micro_batch_size * t.grad_accum_steps * stage.processes * sample_tokens
             flops = training_flops_per_token(cfg.model, cfg.data.seq_chunks).total * tokens
             first, last = rows[0]["loss"], rows[-1]["loss"]  # the first and last logged steps
-            n_params = sum(p.numel() for p in load_trained(run / name).parameters())
+            n_params = count_config_parameters(cfg.model)["total"]  # no need to load the checkpoint
             return {"params": n_params, "steps": rows[-1]["step"], "loss_first": first, "loss_last": last,
                     "train_tokens": tokens, "train_flops": flops, "processes": stage.processes,
                     "eval": {key: v for key, v in rows[-1].items() if key.startswith("eval/")}}

@@ -501,15 +501,6 @@ def heldout_energy_score(model, ae, blocks, num_samples: int = 8, num_target_sam
     return total / count
 
 
-def _eval_blocks(cfg: RunConfig) -> list:
-    """The held-out blocks that calm_pretrain.train.run.build_evaluator scores (the first
-    eval.max_blocks, default 16, of data.eval)."""
-    from data_pipeline.loader import ShardLoader
-
-    with ShardLoader(cfg.data.eval, global_batch_size=1, seed=0, prefetch=0) as loader:
-        return [next(loader)["ids"] for _ in range(min(cfg.eval.max_blocks or 16, loader.samples_per_epoch))]
-
-
 def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     """BrierLM of a point's newest checkpoint on `eval_dir` (a CALM also gets its held-out energy score,
     :func:`heldout_energy_score`), written to <run_dir>/sweep_eval.json.
@@ -520,9 +511,8 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     import torch
 
     from calm_pretrain.config import config_from_dict
-    from calm_pretrain.models import build_model
-    from calm_pretrain.train.checkpoint import consolidated_state_dict, read_trainer_state, resolve_checkpoint
-    from calm_pretrain.train.run import build_evaluator, load_frozen_autoencoder
+    from calm_pretrain.train.checkpoint import read_trainer_state, resolve_checkpoint, trained_model
+    from calm_pretrain.train.run import build_evaluator, held_out_blocks, load_frozen_autoencoder
 
     run_dir = Path(point["run_dir"])
     ckpt = resolve_checkpoint(run_dir)
@@ -533,16 +523,13 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     if point.get("ae_path"):
         tree["model"]["ae_path"] = point["ae_path"]
     cfg = config_from_dict(tree)
-    state, model_cfg = consolidated_state_dict(ckpt)
-    model = build_model(model_cfg)
-    model.load_state_dict(state)
-    model.eval()
+    model = trained_model(ckpt)
     ae = load_frozen_autoencoder(cfg)
     evaluate = build_evaluator(cfg, ae)
     with torch.no_grad():
         scores = evaluate(model)
     if ae is not None:
-        scores["energy_score"] = heldout_energy_score(model, ae, _eval_blocks(cfg))
+        scores["energy_score"] = heldout_energy_score(model, ae, held_out_blocks(cfg))
     result = {"step": step, "checkpoint": str(ckpt), "eval": eval_dir, **scores}
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")
     log(f"{point['name']}: step {step} BrierLM {scores.get('brierlm', float('nan')):.4f}"

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from calm_pretrain.config import RunConfig
+from calm_pretrain.parallel.groups import ParallelLayout
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -83,7 +83,7 @@ class TorchEngine:
         torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                    path / "engine.pt")
 
-    def load(self, path: Path, saved: "ParallelLayout") -> None:
+    def load(self, path: Path, saved: ParallelLayout) -> None:
         if not (path / "engine.pt").is_file():
             raise FileNotFoundError(f"{path}: no engine.pt; this checkpoint was written by DeepSpeed ({saved}): "
                                     "resume it under torchrun or with train.engine=deepspeed")
@@ -105,7 +105,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
                     stage3_max_live_parameters=t.zero3_max_live_parameters)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    dp = ParallelLayout.of_run(cfg.parallel, world_size).data
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -180,12 +180,19 @@ def build_model_sharded(cfg: RunConfig, build: Callable[[], nn.Module], world_si
     ds_config = deepspeed_config(cfg, world_size, torch.cuda.is_available())
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = build()
-
-    def gathered(params):
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0) if params else contextlib.nullcontext()
-
-    model.reset_parameters(param_context=gathered)
+    model.reset_parameters(param_context=gathered_for_writing)
     return model
+
+
+def gathered_for_writing(params):
+    """A context in which the ZeRO-3 partitioned ones of `params` are whole, and what rank 0 writes
+    into them is partitioned again on exit; ordinary parameters need nothing."""
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(sharded, modifier_rank=0)
 
 
 class DeepSpeedEngine:
@@ -197,7 +204,7 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         world_size = world_size or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
-        self.layout = ParallelLayout.of(vars(cfg.parallel), world_size)
+        self.layout = ParallelLayout.of_run(cfg.parallel, world_size)
         self.ds_config = deepspeed_config(cfg, world_size, torch.cuda.is_available())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, cfg), config=self.ds_config, mpu=mpu)
@@ -240,24 +247,6 @@ class DeepSpeedEngine:
 
     def load(self, path: Path, saved: ParallelLayout) -> None:
         load_deepspeed_checkpoint(self.engine, path, saved, self.layout, self.module.config)
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """How a run's ranks are arranged: tensor x pipeline x data parallel."""
-
-    tensor: int = 1
-    pipeline: int = 1
-    data: int = 1
-
-    @classmethod
-    def of(cls, parallel: dict, world_size: int) -> "ParallelLayout":
-        """From a config's ``parallel`` section (as a dict: a saved run's may predate some keys)."""
-        tp, pp = parallel.get("tensor", 1), parallel.get("pipeline", 1)
-        return cls(tp, pp, world_size // (tp * pp))
-
-    def __str__(self) -> str:
-        return f"TP={self.tensor} PP={self.pipeline} DP={self.data}"
 
 
 def save_deepspeed_checkpoint(engine, path: Path, model: nn.Module) -> None:

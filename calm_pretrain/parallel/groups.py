@@ -36,11 +36,37 @@ class ParallelCoords:
                 f"pp {self.pp_rank}/{self.pp_size}")
 
 
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a run's ranks are arranged: tensor x pipeline x data parallel (the sizes, not a rank)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+
+    @classmethod
+    def of(cls, tensor: int, pipeline: int, world_size: int) -> "ParallelLayout":
+        """Data parallel is what TP × PP leave of the world; refused when they do not divide it."""
+        if tensor < 1 or pipeline < 1 or world_size % (tensor * pipeline):
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline = "
+                             f"{tensor} × {pipeline}; launch a multiple of {tensor * pipeline} ranks")
+        return cls(tensor, pipeline, world_size // (tensor * pipeline))
+
+    @classmethod
+    def of_run(cls, parallel, world_size: int) -> "ParallelLayout":
+        """From a config's ``parallel`` section, or its dict in a saved run (which may predate some keys)."""
+        get = parallel.get if isinstance(parallel, dict) else (lambda key, default: getattr(parallel, key))
+        return cls.of(get("tensor", 1), get("pipeline", 1), world_size)
+
+    def __str__(self) -> str:
+        return f"TP={self.tensor} PP={self.pipeline} DP={self.data}"
+
+
 def deepspeed_topology(tp: int, pp: int, world_size: int):
     """DeepSpeed's 3-D topology for this layout (the one its pipeline engine would use)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=world_size // (tp * pp))
+    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=ParallelLayout.of(tp, pp, world_size).data)
 
 
 def current_coords() -> ParallelCoords:
@@ -63,9 +89,7 @@ def init_model_parallel(tp: int, pp: int = 1, timeout_minutes: float = 30.0) -> 
 
     if not dist.is_initialized():
         raise RuntimeError("init_model_parallel: torch.distributed is not initialised (call init_distributed first)")
-    world = dist.get_world_size()
-    if tp < 1 or pp < 1 or world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tensor ({tp}) × pipeline ({pp}) parallel size")
+    ParallelLayout.of(tp, pp, dist.get_world_size())  # refuses sizes that do not divide the world
     if ps.model_parallel_is_initialized():
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
         if have != (tp, pp):
@@ -180,6 +204,6 @@ def tensor_parallel_seed(base_seed: int, coords: ParallelCoords) -> int:
     return base_seed * 1_000_003 + coords.dp_rank
 
 
-__all__ = ["ParallelCoords", "init_model_parallel", "check_groups_match_deepspeed", "current_coords",
+__all__ = ["ParallelCoords", "ParallelLayout", "init_model_parallel", "check_groups_match_deepspeed", "current_coords",
            "deepspeed_topology", "DeepSpeedMPU", "destroy_model_parallel", "tensor_parallel_seed",
            "MEGATRON_ORDER"]

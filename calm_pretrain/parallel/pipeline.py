@@ -128,10 +128,11 @@ class PipelineEngine:
         import deepspeed
         from deepspeed.pipe import PipelineModule
 
-        from calm_pretrain.parallel.engine import ParallelLayout, build_optimizer, deepspeed_config
+        from calm_pretrain.parallel.engine import build_optimizer, deepspeed_config
+        from calm_pretrain.parallel.groups import ParallelLayout
 
         self.cfg, self.module = cfg, model
-        self.layout = ParallelLayout.of(vars(cfg.parallel), world_size)
+        self.layout = ParallelLayout.of_run(cfg.parallel, world_size)
         layers, loss_fn = pipeline_layers(model)
         self.pipe = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn,
                                    partition_method="parameters", activation_checkpoint_interval=0)

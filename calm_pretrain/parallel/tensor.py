@@ -51,41 +51,32 @@ _SPLIT_DIM = {**{f"self_attn.{n}": 0 for n in _COLUMN}, **{f"self_attn.{n}": 1 f
               **{f"mlp.{n}": 0 for n in _MLP_COLUMN}, **{f"mlp.{n}": 1 for n in _MLP_ROW}}
 
 
-class _NoExtraState:
-    """megatron's layers add an ``_extra_state`` entry (None) to the state dict and a load hook that
-    inserts it; the swapped layers keep the plain module behaviour so state dicts have the TP=1 keys."""
+class _PlainLinear:
+    """What the swapped megatron linears share: they return a tensor (megatron returns (output, bias)),
+    and they keep the plain module's state-dict behaviour (megatron adds an ``_extra_state`` entry,
+    None, and a load hook that inserts it), so state dicts have the TP=1 keys."""
 
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
 
-    def _drop_extra_state_hook(self):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._load_state_dict_pre_hooks.clear()
 
+    def forward(self, x):  # noqa: D102
+        return super().forward(x)[0]
 
-class TPColumnLinear(_NoExtraState, ColumnParallelLinear):
-    """ColumnParallelLinear returning a tensor (megatron returns (output, bias)); output not gathered."""
+
+class TPColumnLinear(_PlainLinear, ColumnParallelLinear):
+    """ColumnParallelLinear; output not gathered."""
 
     partition_dim = 0
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._drop_extra_state_hook()
 
-    def forward(self, x):  # noqa: D102
-        return super().forward(x)[0]
-
-
-class TPRowLinear(_NoExtraState, RowParallelLinear):
-    """RowParallelLinear (input already split, output all-reduced) returning a tensor."""
+class TPRowLinear(_PlainLinear, RowParallelLinear):
+    """RowParallelLinear (input already split, output all-reduced)."""
 
     partition_dim = 1
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._drop_extra_state_hook()
-
-    def forward(self, x):  # noqa: D102
-        return super().forward(x)[0]
 
 
 class TPVocabEmbedding(VocabParallelEmbedding):

@@ -235,3 +235,14 @@ def consolidated_state_dict(path: Path) -> tuple[dict, "object"]:
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config
+
+
+def trained_model(path: Path):
+    """The model of a training checkpoint (or a run directory's newest one), consolidated from whatever
+    engine wrote it, in eval mode."""
+    from calm_pretrain.models import build_model
+
+    state, config = consolidated_state_dict(path)
+    model = build_model(config)
+    model.load_state_dict(state)
+    return model.eval()

@@ -18,7 +18,10 @@ from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig, dump_
 from calm_pretrain.flops import training_flops_per_token
 from calm_pretrain.models import build_model, count_parameters
 from calm_pretrain.parallel.distributed import all_gather_object, shutdown
-from calm_pretrain.parallel.engine import DeepSpeedEngine, TorchEngine, build_model_sharded, init_distributed
+from calm_pretrain.parallel.engine import (DeepSpeedEngine, TorchEngine, build_model_sharded, gathered_for_writing,
+                                           init_distributed)
+from calm_pretrain.parallel.groups import (ParallelCoords, ParallelLayout, deepspeed_topology, init_model_parallel,
+                                           tensor_parallel_seed)
 from calm_pretrain.parallel.plan import apply_activation_checkpointing, mark_zero3_leaves
 from calm_pretrain.train.callbacks import EvalCallback, TensorBoardCallback, WandbCallback
 from calm_pretrain.train.checkpoint import Checkpointer
@@ -71,17 +74,21 @@ def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[
                        seed=cfg.data.seed, expect=data_expectations(cfg, ae), pin_memory=True)
 
 
+def held_out_blocks(cfg: RunConfig) -> list[torch.Tensor]:
+    """The token blocks every evaluation scores: the first `eval.max_blocks` (default 16) of `data.eval`."""
+    from data_pipeline.loader import ShardLoader
+
+    with ShardLoader(cfg.data.eval, global_batch_size=1, seed=0, prefetch=0) as loader:
+        return [next(loader)["ids"] for _ in range(min(cfg.eval.max_blocks or 16, loader.samples_per_epoch))]
+
+
 def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Optional[Callable]:
     """The periodic evaluation of `data.eval` (held-out token shards): AE reconstruction accuracy
     (clean and with σ=0.3 latent noise), or BrierLM for CALM (needs its frozen AE, `ae`) and the
     Transformer."""
     if not cfg.data.eval:
         return None
-    from data_pipeline.loader import ShardLoader
-
-    with ShardLoader(cfg.data.eval, global_batch_size=1, seed=0, prefetch=0) as loader:
-        n = min(cfg.eval.max_blocks or 16, loader.samples_per_epoch)
-        blocks = [next(loader)["ids"] for _ in range(n)]
+    blocks = held_out_blocks(cfg)
     if isinstance(cfg.model, AutoencoderConfig):
         def evaluate(model):
             gen = torch.Generator().manual_seed(0)
@@ -112,8 +119,6 @@ def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Opt
 def _init_from_release(model, path: str, say) -> None:
     """Start from a release's weights (continued pretraining); a checkpoint of this run, when there is
     one, is loaded over them by the resume. Under ZeRO-3 each parameter is gathered while it is set."""
-    import contextlib
-
     from calm_pretrain.release import import_release
 
     released, released_cfg = import_release(path)
@@ -125,13 +130,7 @@ def _init_from_release(model, path: str, say) -> None:
     for name, p in own.items():
         if name not in state or tuple(state[name].shape) != tuple(getattr(p, "ds_shape", p.shape)):
             raise ValueError(f"train.init_from: {path} does not fit this model at {name}")
-        if hasattr(p, "ds_id"):
-            import deepspeed
-
-            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx, torch.no_grad():
+        with gathered_for_writing([p]), torch.no_grad():
             p.copy_(state[name])
     say(f"initialised {len(own)} parameters from the release {path}")
 
@@ -139,12 +138,8 @@ def _init_from_release(model, path: str, say) -> None:
 def _layout(cfg: RunConfig, rank: int, world_size: int):
     """(this rank's ParallelCoords, DeepSpeed pipeline topology or None). Model-parallel groups come
     from megatron-core, checked against DeepSpeed's topology (same rank order) at start-up."""
-    from calm_pretrain.parallel.groups import ParallelCoords, deepspeed_topology, init_model_parallel
-
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline = "
-                         f"{tp} × {pp}; launch a multiple of {tp * pp} ranks")
+    layout = ParallelLayout.of_run(cfg.parallel, world_size)  # refuses sizes that do not divide the world
+    tp, pp = layout.tensor, layout.pipeline
     if tp == 1 and pp == 1:
         return ParallelCoords(dp_rank=rank, dp_size=world_size), None
     coords = init_model_parallel(tp, pp, cfg.train.dist_timeout_minutes)
@@ -199,7 +194,7 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
         mark_zero3_leaves(model)
     # Noise (energy-head samples, AE masking) differs between data-parallel replicas and is the same on
     # the ranks of one replica (its replicated head must see one draw); checkpoints keep it.
-    torch.manual_seed(cfg.train.seed * 1_000_003 + coords.dp_rank)
+    torch.manual_seed(tensor_parallel_seed(cfg.train.seed, coords))
 
     loader = build_loader(cfg, coords.dp_rank, coords.dp_size, ae)
     if topology is not None:

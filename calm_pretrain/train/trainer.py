@@ -18,7 +18,8 @@ from torch import nn
 
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig
 from calm_pretrain.parallel import distributed as dist
-from calm_pretrain.parallel.engine import ParallelLayout, TorchEngine
+from calm_pretrain.parallel.engine import TorchEngine
+from calm_pretrain.parallel.groups import ParallelLayout
 from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, read_trainer_state
 from calm_pretrain.train.schedule import lr_for
 from calm_pretrain.train.signals import StopRequest
@@ -270,8 +271,8 @@ class Trainer:
             return None
         state = read_trainer_state(path)
         self.load_state_dict(state, source=str(path))  # refuses changed models or data before any loading
-        saved = ParallelLayout.of(state["config"].get("parallel", {}), state["world_size"])
-        now = ParallelLayout.of(vars(self.cfg.parallel), self.world_size)
+        saved = ParallelLayout.of_run(state["config"].get("parallel", {}), state["world_size"])
+        now = ParallelLayout.of_run(self.cfg.parallel, self.world_size)
         if saved != now:
             self.log(f"resuming at layout {now} (was {saved}): the checkpoint is converted to DeepSpeed's "
                      f"universal format and re-partitioned")
