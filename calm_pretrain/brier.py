@@ -45,31 +45,36 @@ def two_sample_brier(pred1: torch.Tensor, pred2: torch.Tensor, gold: torch.Tenso
 
 
 def _totals(est: torch.Tensor, valid: torch.Tensor) -> dict:
-    """est [B, P, max_n], valid [P, max_n] (bool) → {"sum": float64[max_n], "count": int64[max_n]}."""
+    """est [B, P, max_n], valid [P, max_n] (bool) → {"sum", "sumsq": float64[max_n], "count": int64[max_n]}."""
     valid = valid.to(est.device)
-    total = (est.to(torch.float64) * valid).sum(dim=(0, 1))
+    est = est.to(torch.float64) * valid
     count = valid.sum(0).to(torch.int64) * est.shape[0]
-    return {"sum": total.cpu(), "count": count.cpu()}
+    return {"sum": est.sum(dim=(0, 1)).cpu(), "sumsq": est.square().sum(dim=(0, 1)).cpu(), "count": count.cpu()}
 
 
 def merge_scores(a: Optional[dict], b: dict) -> dict:
-    """Add two {"sum", "count"} results (``a`` may be None)."""
+    """Add two {"sum", "sumsq", "count"} results (``a`` may be None)."""
     if a is None:
-        return {"sum": b["sum"].clone(), "count": b["count"].clone()}
-    return {"sum": a["sum"] + b["sum"], "count": a["count"] + b["count"]}
+        return {key: v.clone() for key, v in b.items()}
+    return {key: a[key] + b[key] for key in b}
 
 
 def brier_lm(scores: dict) -> dict:
-    """{"sum", "count"} → {"brier_1": ..., "brier_n": ..., "brierlm": ...}.
+    """{"sum", "count"[, "sumsq"]} → {"brier_1": ..., "brier_n": ..., "brierlm": ...}.
 
     brier_n is the position-averaged Brier-n (a fraction, at most 1); brierlm is 100 × the
     geometric mean of max(brier_n, 0) over every n in ``scores`` (n = 1..4 by default). A Brier-n
-    with no scored positions is NaN and makes BrierLM NaN.
+    with no scored positions is NaN and makes BrierLM NaN. With "sumsq", each brier_n also gets its
+    standard error over positions, brier_n_se (positions treated as independent).
     """
     total = scores["sum"].to(torch.float64)
     count = scores["count"].to(torch.float64)
     means = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
     out = {f"brier_{n + 1}": float(m) for n, m in enumerate(means)}
+    if "sumsq" in scores:
+        var = (scores["sumsq"].to(torch.float64) - count * means.square()) / (count - 1).clamp(min=1)
+        se = torch.where(count > 1, (var.clamp(min=0) / count.clamp(min=1)).sqrt(), torch.full_like(total, float("nan")))
+        out.update({f"brier_{n + 1}_se": float(v) for n, v in enumerate(se)})
     clipped = means.clamp(min=0.0)  # the reference takes max(·, 0) before the geometric mean
     if torch.isnan(means).any():
         out["brierlm"] = float("nan")

@@ -88,6 +88,11 @@ class HeadConfig:
     diffusion_steps: int = 100
     # gmm head: mixture components
     num_components: int = 8
+    # Width-aware init of the head (README, "Learning at small width"): below this width the head's
+    # weights are drawn with std model.init_std · sqrt(init_reference_width / H), so a narrow head
+    # starts as sensitive to its condition as CALM-M's (H = 1024) does; at or above it, and with 0,
+    # the head gets model.init_std exactly as published.
+    init_reference_width: int = 1024
 
     def validate(self, p: str) -> None:
         from calm_pretrain.models.heads import HEADS  # the registry is the source of truth
@@ -103,6 +108,7 @@ class HeadConfig:
         else:
             _check(self.num_samples >= 1, f"{p}.num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.num_target_samples >= 1, f"{p}.num_target_samples", "must be >= 1")
+        _check(self.init_reference_width >= 0, f"{p}.init_reference_width", "must be >= 0 (0: no width scaling)")
         _check(self.loss_chunk_positions >= 1, f"{p}.loss_chunk_positions", "must be >= 1")
         _check(self.flow_steps >= 1, f"{p}.flow_steps", f"must be >= 1, got {self.flow_steps}")
         _check(self.flow_solver in ("euler", "midpoint"), f"{p}.flow_solver",

@@ -237,6 +237,10 @@ class Stages:
         self.summary.append({"stage": name, **result})
         return result
 
+    def result(self, name: str) -> dict:
+        """The result of a stage run (or reused) earlier in this run."""
+        return next(r for r in self.summary if r["stage"] == name)
+
 
 class CommandFailed(RuntimeError):
     pass
@@ -540,25 +544,26 @@ def run_demo(run_dir: str | Path = "runs/demo", config: Optional[str | Path] = N
         return fn
 
     def evaluate():
-        from calm_pretrain.brier import evaluate_brier
+        from calm_pretrain.eval.heldout import evaluate_model
         from data_pipeline.ae_io import load_autoencoder
 
         ae = load_autoencoder(release / "ae")
         blocks = held_out_blocks(data / "heldout", pipe.eval.blocks)
         tr_blocks = blocks if tr_heldout == "heldout" else held_out_blocks(data / tr_heldout, pipe.eval.blocks)
-        with torch.no_grad():
-            calm = evaluate_brier(load_trained(run / "calm"), blocks, ae=ae, generator=torch.Generator().manual_seed(0))
-            tr = evaluate_brier(load_trained(run / "transformer"), tr_blocks, generator=torch.Generator().manual_seed(0))
+        calm = evaluate_model(load_trained(run / "calm"), blocks, ae=ae)
+        tr = evaluate_model(load_trained(run / "transformer"), tr_blocks)
         (run / "eval.json").write_text(json.dumps({"calm": calm, "transformer": tr}, indent=1))
         n = sum(b.numel() for b in blocks)
-
-        def brier_n(s):
-            return ", ".join(f"{s[f'brier_{i}']:.4f}" for i in range(1, 5))
+        flops = {name: stages.result(name).get("train_flops") for name in ("calm", "transformer")}
         return {"calm": calm["brierlm"], "transformer": tr["brierlm"], "heldout_tokens": n,
                 "calm_brier_n": [calm[f"brier_{i}"] for i in range(1, 5)],
                 "transformer_brier_n": [tr[f"brier_{i}"] for i in range(1, 5)],
-                "metric": f"BrierLM CALM {calm['brierlm']:.2f}, Transformer {tr['brierlm']:.2f} on {n:,} held-out "
-                          f"tokens (Brier-1..4: CALM {brier_n(calm)}; Transformer {brier_n(tr)})"}
+                "calm_energy_skill": calm["energy_skill"], "calm_energy_skill_se": calm["energy_skill_se"],
+                "train_flops": flops, "table": results_table(calm, tr, flops),
+                "metric": f"BrierLM CALM {calm['brierlm']:.2f}, Transformer {tr['brierlm']:.2f}; CALM energy skill "
+                          f"{calm['energy_skill']:+.4f} ± {calm['energy_skill_se']:.4f} "
+                          f"({calm['energy_skill'] / calm['energy_skill_se']:+.1f} standard errors) on {n:,} "
+                          "held-out tokens (table below)"}
 
     def generate():
         from data_pipeline.ae_io import load_autoencoder
@@ -634,6 +639,19 @@ def run_demo(run_dir: str | Path = "runs/demo", config: Optional[str | Path] = N
     return stages.summary
 
 
+def results_table(calm: dict, tr: dict, flops: dict) -> str:
+    """CALM and the Transformer side by side: training compute, BrierLM, Brier-1..4 (± standard error)
+    and CALM's energy skill, the score that shows whether it uses its context before BrierLM moves."""
+    def pm(s: dict, key: str) -> str:
+        return f"{s[key]:+.4f} ± {s[key + '_se']:.4f}"
+    head = ["model", "train TFLOP", "BrierLM", *(f"Brier-{n}" for n in range(1, 5)), "energy skill"]
+    rows = [[name, f"{flops[key] / 1e12:.1f}" if flops.get(key) else "?", f"{s['brierlm']:.2f}",
+             *(pm(s, f"brier_{n}") for n in range(1, 5)), pm(s, "energy_skill") if "energy_skill" in s else "n/a"]
+            for name, key, s in (("CALM", "calm", calm), ("Transformer", "transformer", tr))]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *rows])
+
+
 def format_summary(rows: list[dict]) -> str:
     width = max(len(r["stage"]) for r in rows + [{"stage": "total"}])
     lines = [f"{'stage':<{width}}  {'time':>8}  key metric", "-" * (width + 100)]
@@ -642,4 +660,7 @@ def format_summary(rows: list[dict]) -> str:
     lines.append("-" * (width + 100))
     lines.append(f"{'total':<{width}}  {sum(r.get('seconds', 0) for r in rows):>7.1f}s  "
                  f"(stages run now and, for reused ones, when they ran)")
+    for r in rows:
+        if r.get("table"):
+            lines += ["", "held-out results at the same training compute (± one standard error):", r["table"]]
     return "\n".join(lines)

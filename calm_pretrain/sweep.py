@@ -48,7 +48,8 @@ from calm_pretrain.config import (AutoencoderConfig, CALMConfig, ConfigError, Ru
                                   dump_config, load_config)
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEP_KEYS = {"base", "grid", "sizes", "overrides", "baselines", "autoencoders", "data", "launch", "runs", "name"}
+SWEEP_KEYS = {"base", "grid", "variants", "sizes", "overrides", "baselines", "autoencoders", "data", "launch", "runs",
+              "name"}
 
 
 class SweepError(ValueError):
@@ -75,7 +76,7 @@ def _fmt(template: Optional[str], **values) -> Optional[str]:
 
 
 def _label(key: str, value: Any) -> str:
-    if key == "size":
+    if key in ("size", "variant"):
         return str(value)
     if key == "model.k":
         return f"k{value}"
@@ -99,16 +100,23 @@ def _points_of(section: dict, sizes: dict, where: str) -> list[tuple[dict, list[
     for key in keys:
         if not isinstance(grid[key], list) or not grid[key]:
             raise SweepError(f"{where}.grid.{key}: expected a non-empty list")
+    # variants: named override sets, each applied alone to the base (a one-at-a-time study), crossed
+    # with the grid; without variants, one unnamed variant with no overrides
+    variants = section.get("variants") or {None: {}}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise SweepError(f"{where}.variants: expected a mapping of name → {{dotted key: value}}")
     out = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        values = dict(zip(keys, combo))
-        ov = _overrides(section.get("overrides"))
-        if "size" in values:
-            if values["size"] not in sizes:
-                raise SweepError(f"{where}.grid.size: {values['size']!r} is not in sizes ({', '.join(sizes) or 'none'})")
-            ov += _overrides(sizes[values["size"]])
-        ov += _overrides({k: v for k, v in values.items() if k != "size"})
-        out.append((values, ov))
+    for variant, changes in variants.items():
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            ov = _overrides(section.get("overrides"))
+            if "size" in values:
+                if values["size"] not in sizes:
+                    raise SweepError(f"{where}.grid.size: {values['size']!r} is not in sizes "
+                                     f"({', '.join(sizes) or 'none'})")
+                ov += _overrides(sizes[values["size"]])
+            ov += _overrides({k: v for k, v in values.items() if k != "size"}) + _overrides(changes)
+            out.append(({"variant": variant, **values} if variant is not None else values, ov))
     return out
 
 
@@ -281,8 +289,8 @@ def make_plan(sweep_path: str | os.PathLike, out: str | os.PathLike, *, force: b
                 if int(sample_tokens) % k:
                     raise SweepError(f"{sweep_path}: data.sample_tokens = {sample_tokens} is not a multiple of K = {k}")
                 extra.append(f"data.seq_chunks={int(sample_tokens) // k}")
-            if eval_dir and not isinstance(m, CALMConfig):  # CALM: scored by the eval stage (evaluate_point)
-                extra.append(f"data.eval={json.dumps(eval_dir)}")
+            if eval_dir and (ae_path or not isinstance(m, CALMConfig)):  # a CALM is scored with its AE:
+                extra.append(f"data.eval={json.dumps(eval_dir)}")          # without one, by the eval stage
             label = "-".join(_label(key, v) for key, v in values.items())
             prefix = m.arch if "size" in values else probe.name  # a size grid: the base's size name would mislead
             name = f"{prefix}-{label}" if label else prefix
@@ -295,6 +303,8 @@ def make_plan(sweep_path: str | os.PathLike, out: str | os.PathLike, *, force: b
             points.append(_entry(kind, name, cfg, out / "configs" / f"{len(points):04d}.yaml", len(points), ae,
                                  world_size, size, values, depends))
             points[-1]["ae_path"] = ae_path
+            if values.get("variant") is not None:  # a one-at-a-time study: each variant is its own group
+                points[-1]["group"] = points[-1]["variant"] = str(values["variant"])
             cfgs.append(cfg)
     if not points:
         raise SweepError(f"{sweep_path}: the grid is empty")
@@ -471,39 +481,15 @@ def _write_eval_script(out: Path) -> None:
 
 
 EVAL_FILE = "sweep_eval.json"
-
-
-def heldout_energy_score(model, ae, blocks, num_samples: int = 8, num_target_samples: int = 32,
-                         seed: int = 0) -> float:
-    """Mean energy score (α = 1, lower is better) of a CALM's head samples for every next chunk of the
-    held-out token `blocks`, against samples of that chunk's AE posterior N(μ, σ²).
-
-    The energy loss of CALM_SPEC §2 on held-out data: a proper score of the predictive distribution in
-    latent space that needs only samples, so every head type can be scored by it (the energy head is
-    trained on it, the others are not). Per block the draws are: head samples, then target samples."""
-    import torch
-
-    from calm_pretrain.losses import energy_loss
-    from calm_pretrain.models.heads import posterior_samples
-
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in blocks:
-            ids = ids.to(device)
-            mu, log_sigma = ae.encode(ids)  # [B, N, d]: chunk n's posterior
-            h = model.hidden_states(ids[:, : -model.k])  # row n predicts chunk n + 1
-            x = model.head.sample(h, num_samples, generator=gen)
-            y = posterior_samples(mu[:, 1:], log_sigma[:, 1:], num_target_samples, gen)
-            score = energy_loss(x, targets=y)
-            total, count = total + float(score.double().sum()), count + score.numel()
-    return total / count
+# the scores besides BrierLM that collect() reports per run (final_<name>), with their standard errors
+FINAL_SCORES = tuple(f"{name}{se}" for name in ("brier_1", "brier_2", "brier_3", "brier_4", "energy_score",
+                                                 "marginal_energy_score", "energy_skill", "token_accuracy")
+                     for se in ("", "_se"))
 
 
 def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
-    """BrierLM of a point's newest checkpoint on `eval_dir` (a CALM also gets its held-out energy score,
-    :func:`heldout_energy_score`), written to <run_dir>/sweep_eval.json.
+    """BrierLM of a point's newest checkpoint on `eval_dir` (a CALM also gets its energy skill and score,
+    calm_pretrain.eval.skill), written to <run_dir>/sweep_eval.json.
 
     The same evaluation as the trainer's periodic one (calm_pretrain.train.run.build_evaluator), run
     after training. CALM training configs carry no model.ae_path (training on pre-encoded latents does
@@ -512,7 +498,7 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
 
     from calm_pretrain.config import config_from_dict
     from calm_pretrain.train.checkpoint import read_trainer_state, resolve_checkpoint, trained_model
-    from calm_pretrain.train.run import build_evaluator, held_out_blocks, load_frozen_autoencoder
+    from calm_pretrain.train.run import build_evaluator, load_frozen_autoencoder
 
     run_dir = Path(point["run_dir"])
     ckpt = resolve_checkpoint(run_dir)
@@ -528,12 +514,11 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     evaluate = build_evaluator(cfg, ae)
     with torch.no_grad():
         scores = evaluate(model)
-    if ae is not None:
-        scores["energy_score"] = heldout_energy_score(model, ae, held_out_blocks(cfg))
     result = {"step": step, "checkpoint": str(ckpt), "eval": eval_dir, **scores}
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")
     log(f"{point['name']}: step {step} BrierLM {scores.get('brierlm', float('nan')):.4f}"
-        + (f" energy score {scores['energy_score']:.4f}" if "energy_score" in scores else ""))
+        + (f" energy skill {scores['energy_skill']:.4f} ± {scores['energy_skill_se']:.4f}"
+           if "energy_skill" in scores else ""))
     return result
 
 
@@ -613,7 +598,7 @@ def collect(plan_dir: str | os.PathLike):
         if scored.is_file():  # the eval stage: the newest checkpoint's score
             final = json.loads(scored.read_text())
             evals.append({"step": final["step"], "eval/brierlm": final.get("brierlm", math.nan),
-                          **{f"eval/{k}": final[k] for k in ("brier_1", "energy_score") if k in final}})
+                          **{f"eval/{k}": final[k] for k in FINAL_SCORES if k in final}})
         tokens_per_step = last.get("tokens", p["tokens_per_step"])
         step = int(last.get("step", 0))
         tokens = step * tokens_per_step
@@ -621,7 +606,7 @@ def collect(plan_dir: str | os.PathLike):
         per_step = sum(times) / len(times) if times else math.nan
         rows.append({
             "name": p["name"], "group": p["group"], "arch": p["arch"], "k": p["k"], "size": p["size"],
-            "head": p.get("head"), "evals_per_vector": p.get("evals_per_vector"),
+            "variant": p.get("variant"), "head": p.get("head"), "evals_per_vector": p.get("evals_per_vector"),
             "params": p["params"], "context": p["context"],
             "training_flops_per_token": p["training_flops_per_token"],
             "inference_flops_per_token": p["inference_flops_per_token"],
@@ -630,8 +615,7 @@ def collect(plan_dir: str | os.PathLike):
             "final_loss": last.get("loss", math.nan),
             "final_brierlm": evals[-1]["eval/brierlm"] if evals else math.nan,
             "brierlm_step": evals[-1]["step"] if evals else None,
-            "final_brier_1": evals[-1].get("eval/brier_1", math.nan) if evals else math.nan,
-            "final_energy_score": evals[-1].get("eval/energy_score", math.nan) if evals else math.nan,
+            **{f"final_{k}": evals[-1].get(f"eval/{k}", math.nan) if evals else math.nan for k in FINAL_SCORES},
             "seconds_per_step": per_step, "train_seconds": per_step * step,
             "status": "missing" if not recs else ("complete" if step >= p["max_steps"] else "partial"),
             "run_dir": p["run_dir"]})
@@ -702,23 +686,28 @@ def _least_squares(x: list[float], y: list[float]) -> dict:
     return {"a": a, "b": b, "r2": (1.0 - ss_res / ss_tot) if ss_tot > 0 else None, "n": n}
 
 
-def fit(runs, steps=None, form: str = "loglinear") -> dict:
-    """Per group (K=1, K=2, ..., Transformer): BrierLM against training FLOPs.
+def fit(runs, steps=None, form: str = "loglinear", metric: str = "brierlm") -> dict:
+    """Per group (K=1, K=2, ..., Transformer, or a study's variants): `metric` against training FLOPs.
 
-    The points are each run's final (training FLOPs, BrierLM): a group's runs of different sizes. A
-    group with fewer than two distinct FLOPs values (one size only) is fitted on its runs' evaluation
-    history instead (BrierLM at every evaluated step against the FLOPs spent up to that step), and
-    says so in ``points_from``."""
+    `metric` is brierlm or any score the evaluation logs (energy_skill, brier_1, ...). The points are
+    each run's final (training FLOPs, metric): a group's runs of different sizes. A group with fewer
+    than two distinct FLOPs values (one size only) is fitted on its runs' evaluation history instead
+    (the metric at every evaluated step against the FLOPs spent up to that step), and says so in
+    ``points_from``. With the loglinear form, ``crosses_zero_at`` is the FLOPs where the fitted line
+    reaches 0 (the budget at which a score below zero is projected to turn positive)."""
     if form not in FIT_FORMS:
         raise SweepError(f"unknown fit form {form!r}; known: {sorted(FIT_FORMS)}")
-    out = {"form": form, "formula": FIT_FORMS[form], "groups": {}}
+    final, history = f"final_{metric}", f"eval_{metric}"
+    if final not in runs:
+        raise SweepError(f"no column {final} in the results: is {metric!r} a score the evaluation logs?")
+    out = {"form": form, "metric": metric, "formula": FIT_FORMS[form].replace("brierlm", metric), "groups": {}}
     for group, g in runs.groupby("group", sort=False):
-        g = g[g["final_brierlm"].notna() & (g["training_flops"] > 0)]
-        pts = [(float(c), float(v)) for c, v in zip(g["training_flops"], g["final_brierlm"])]
+        g = g[g[final].notna() & (g["training_flops"] > 0)]
+        pts = [(float(c), float(v)) for c, v in zip(g["training_flops"], g[final])]
         source = "final"
-        if len({c for c, _ in pts}) < 2 and steps is not None and len(steps) and "eval_brierlm" in steps:
-            h = steps[(steps["group"] == group) & steps["eval_brierlm"].notna() & (steps["training_flops"] > 0)]
-            pts = [(float(c), float(v)) for c, v in zip(h["training_flops"], h["eval_brierlm"])]
+        if len({c for c, _ in pts}) < 2 and steps is not None and len(steps) and history in steps:
+            h = steps[(steps["group"] == group) & steps[history].notna() & (steps["training_flops"] > 0)]
+            pts = [(float(c), float(v)) for c, v in zip(h["training_flops"], h[history])]
             source = "eval history"
         if form == "power":
             pts = [(c, v) for c, v in pts if v > 0]
@@ -730,6 +719,8 @@ def fit(runs, steps=None, form: str = "loglinear") -> dict:
             ys = [v if form == "loglinear" else math.log10(v) for _, v in pts]
             entry.update(_least_squares(xs, ys))
             entry["flops_range"] = [min(c for c, _ in pts), max(c for c, _ in pts)]
+            if form == "loglinear" and entry["b"]:
+                entry["crosses_zero_at"] = 10 ** (-entry["a"] / entry["b"])
         out["groups"][str(group)] = entry
     return out
 
@@ -810,7 +801,43 @@ def plot(runs, steps, fit_result: Optional[dict], out_dir: str | os.PathLike) ->
         written.append(_save_figure(fig, out_dir / "loss_curves.png"))
     if "head" in runs and runs["head"].dropna().nunique() > 1:
         written.append(plot_heads(runs, out_dir / "heads.png"))
+    if "variant" in runs and runs["variant"].notna().any() and steps is not None and len(steps):
+        written.append(plot_study(runs, steps, out_dir / "study.png"))
     return written
+
+
+STUDY_PANELS = [("energy_skill", "energy skill (> 0: uses its context)")] + \
+    [(f"brier_{n}", f"Brier-{n}") for n in range(1, 5)] + [("token_accuracy", "decoded-token accuracy, 1 sample")]
+
+
+def plot_study(runs, steps, path: str | os.PathLike) -> Path:
+    """A one-at-a-time study: each variant's held-out scores (± one standard error) against the training
+    FLOPs spent, from the evaluations during training; the Transformer's Brier-n dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    names = list(dict.fromkeys(runs["name"]))
+    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    for ax, (metric, title) in zip(axes.flat, STUDY_PANELS):
+        col = f"eval_{metric}"
+        if col not in steps:
+            continue
+        for name, d in steps[steps[col].notna()].groupby("name", sort=False):
+            transformer = d["arch"].iloc[0] == "transformer"
+            se = d[f"{col}_se"] if f"{col}_se" in d else None
+            label = "Transformer" if transformer else str(runs.loc[runs["name"] == name, "variant"].iloc[0])
+            ax.errorbar(d["training_flops"], d[col], yerr=se, fmt="--s" if transformer else "-o", ms=3, capsize=2,
+                        color="k" if transformer else colours[name], label=label, alpha=0.85)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize=6, ncol=2)
+    return _save_figure(fig, path, dpi=110)
 
 
 HEAD_PANELS = [  # (column, title, log scale): a training loss is not comparable across heads, so none here
@@ -888,6 +915,7 @@ def main(argv=None) -> int:
     s.add_argument("results", help="the table from collect (.csv or .parquet)")
     s.add_argument("--out", required=True, help="fit.json")
     s.add_argument("--form", choices=sorted(FIT_FORMS), default="loglinear")
+    s.add_argument("--metric", default="brierlm", help="the score to fit: brierlm, energy_skill, brier_1, ...")
     s = sub.add_parser("plot", help="PNG figures: BrierLM vs training FLOPs, loss curves (and heads.png for a "
                                     "sweep over model.head.type)")
     s.add_argument("results")
@@ -922,7 +950,7 @@ def main(argv=None) -> int:
             print("wrote " + ", ".join(str(v) for v in paths.values()))
         elif args.command == "fit":
             runs, steps = read_tables(args.results)
-            result = fit(runs, steps, args.form)
+            result = fit(runs, steps, args.form, args.metric)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
             print(result["formula"])
@@ -931,7 +959,8 @@ def main(argv=None) -> int:
                     print(f"  {g:<12} {e['note']} ({e['n']} points)")
                 else:
                     r2 = "n/a" if e["r2"] is None else f"{e['r2']:.3f}"
-                    print(f"  {g:<12} a={e['a']:.4g} b={e['b']:.4g} r2={r2} n={e['n']} ({e['points_from']})")
+                    zero = f" crosses 0 at {e['crosses_zero_at']:.3g} FLOPs" if e.get("crosses_zero_at") else ""
+                    print(f"  {g:<12} a={e['a']:.4g} b={e['b']:.4g} r2={r2} n={e['n']} ({e['points_from']}){zero}")
         elif args.command == "plot":
             runs, steps = read_tables(args.results)
             fit_result = json.loads(Path(args.fit).read_text()) if args.fit else None

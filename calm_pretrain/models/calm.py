@@ -15,7 +15,7 @@ from torch import nn
 
 from calm_pretrain.config import CALMConfig
 from calm_pretrain.models.backbone import Backbone, KVCache
-from calm_pretrain.models.heads import build_head
+from calm_pretrain.models.heads import build_head, head_init_std
 from calm_pretrain.models.layers import init_weights
 
 
@@ -38,8 +38,13 @@ class CALM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, param_context=None) -> None:
-        """The published init; `param_context` as in `init_weights` (used by sharded builds)."""
-        init_weights(self, self.config.init_std, param_context)
+        """The published init, with the head's std scaled below the reference width (`head_init_std`);
+        `param_context` as in `init_weights` (used by sharded builds)."""
+        cfg = self.config
+        init_weights(self, cfg.init_std, param_context)
+        head_std = head_init_std(cfg.init_std, cfg.hidden_size, cfg.head.init_reference_width)
+        if head_std != cfg.init_std:  # published widths (H >= 1024) keep the published draws exactly
+            init_weights(self.mlp_generator, head_std, param_context)
         if hasattr(self.mlp_generator, "reset_output"):  # the head is small: gather it whole
             params = list(self.mlp_generator.parameters())
             with param_context(params) if param_context else contextlib.nullcontext():

@@ -26,6 +26,21 @@ from torch import nn
 from calm_pretrain.losses import energy_loss
 
 
+def head_init_std(init_std: float, width: int, reference_width: int) -> float:
+    """The head's init std at backbone width `width`: init_std below `reference_width` scaled by
+    sqrt(reference_width / width), else init_std (reference_width 0: never scaled).
+
+    Why: every linear of fan-in H with N(0, s²) weights scales its input by about s·sqrt(H). The
+    condition reaches the energy head's residual stream through a chain of such linears and a gated
+    product, so its effect at init shrinks like a high power of s·sqrt(H): measured with s = 0.02,
+    a change of the condition moves the residual stream by ~4e-6 (relative) at H = 128 against ~1e-2
+    at H = 1024, and a narrow head barely learns to use its condition. Holding s·sqrt(H) at its
+    published CALM-M value restores that regime at every width (tests/test_head_init.py)."""
+    if reference_width and width < reference_width:
+        return init_std * math.sqrt(reference_width / width)
+    return init_std
+
+
 class ResidualMLPBlock(nn.Module):
     """x ← x + down(silu(g) ⊙ u), [g, u] = MLP([LN(x); c]) (the reference MLPBlock)."""
 
@@ -88,14 +103,19 @@ class EnergyHead(nn.Module):
         shape = (*h.shape[:-1], num_samples, self.cfg.noise_size)
         return torch.rand(shape, device=h.device, dtype=h.dtype, generator=generator) - 0.5
 
-    def forward(self, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """h [..., H], noise [..., N, noise_size] → samples [..., N, latent_dim] in one batched pass."""
-        lead, n = h.shape[:-1], noise.shape[-2]
+    def residual_stream(self, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """h [..., H], noise [..., N, noise_size] → the residual stream after the last block [P, N, H]."""
+        n = noise.shape[-2]
         cond = self.norm_hidden(self.hidden_embd(h)).reshape(-1, 1, h.shape[-1])
         x = self.norm_noise(self.noise_embd(noise.reshape(-1, n, noise.shape[-1])))
         for block in self.mlp_blocks:
             x = block(x, cond)
-        return self.final_layer(x).reshape(*lead, n, self.latent_dim)
+        return x
+
+    def forward(self, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """h [..., H], noise [..., N, noise_size] → samples [..., N, latent_dim] in one batched pass."""
+        lead, n = h.shape[:-1], noise.shape[-2]
+        return self.final_layer(self.residual_stream(h, noise)).reshape(*lead, n, self.latent_dim)
 
     def sample(self, h: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None):
         return self(h, self.draw_noise(h, num_samples, generator))

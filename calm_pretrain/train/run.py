@@ -83,36 +83,19 @@ def held_out_blocks(cfg: RunConfig) -> list[torch.Tensor]:
 
 
 def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Optional[Callable]:
-    """The periodic evaluation of `data.eval` (held-out token shards): AE reconstruction accuracy
-    (clean and with σ=0.3 latent noise), or BrierLM for CALM (needs its frozen AE, `ae`) and the
-    Transformer."""
+    """The periodic evaluation of `data.eval` (held-out token shards), calm_pretrain.eval.heldout:
+    AE reconstruction (clean and under latent noise); for CALM (needs its frozen AE, `ae`) BrierLM,
+    Brier-n and the energy skill with standard errors; for the Transformer BrierLM and Brier-n."""
     if not cfg.data.eval:
         return None
-    blocks = held_out_blocks(cfg)
-    if isinstance(cfg.model, AutoencoderConfig):
-        def evaluate(model):
-            gen = torch.Generator().manual_seed(0)
-            device = next(model.parameters()).device
-            correct = noisy = total = 0
-            for ids in blocks:
-                ids = ids.to(device)
-                mu, _ = model.encode(ids)
-                correct += (model.decode(mu).argmax(-1) == ids).sum().item()
-                noise = 0.3 * torch.randn(mu.shape, generator=gen).to(device)
-                noisy += (model.decode(mu + noise).argmax(-1) == ids).sum().item()
-                total += ids.numel()
-            return {"accuracy": correct / total, "accuracy_noise_0.3": noisy / total}
-        return evaluate
-    from calm_pretrain.brier import evaluate_brier
+    from calm_pretrain.eval.heldout import evaluate_model, numbers
 
     if isinstance(cfg.model, CALMConfig) and ae is None:
         raise ValueError("data.eval is set for a CALM run but model.ae_path is not: BrierLM needs the autoencoder")
+    blocks = held_out_blocks(cfg)
 
     def evaluate(model):
-        device = next(model.parameters()).device
-        scores = evaluate_brier(model, blocks, ae=None if ae is None else ae.to(device),
-                                generator=torch.Generator().manual_seed(0))
-        return {k: v for k, v in scores.items() if k == "brierlm" or k.startswith("brier_")}
+        return numbers(evaluate_model(model, blocks, ae=ae))
     return evaluate
 
 
