@@ -49,14 +49,31 @@ def _totals(est: torch.Tensor, valid: torch.Tensor) -> dict:
     valid = valid.to(est.device)
     est = est.to(torch.float64) * valid
     count = valid.sum(0).to(torch.int64) * est.shape[0]
-    return {"sum": est.sum(dim=(0, 1)).cpu(), "sumsq": est.square().sum(dim=(0, 1)).cpu(), "count": count.cpu()}
+    block_sum = est.sum(1).cpu()  # [B, max_n]: each row of ids is one block (a cluster of positions)
+    return {"sum": est.sum(dim=(0, 1)).cpu(), "sumsq": est.square().sum(dim=(0, 1)).cpu(), "count": count.cpu(),
+            "block_sum": block_sum, "block_count": valid.sum(0).to(torch.int64).cpu().expand_as(block_sum).clone()}
 
 
 def merge_scores(a: Optional[dict], b: dict) -> dict:
-    """Add two {"sum", "sumsq", "count"} results (``a`` may be None)."""
+    """Add two {"sum", "sumsq", "count"} results (``a`` may be None); per-block entries are joined."""
     if a is None:
         return {key: v.clone() for key, v in b.items()}
-    return {key: a[key] + b[key] for key in b}
+    return {key: torch.cat([a[key], b[key]]) if key.startswith("block_") else a[key] + b[key] for key in b}
+
+
+def ratio_standard_error(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """Standard error of sum(num) / sum(den) over G clusters (rows; [G] or [G, ...]): the linearised
+    variance G/(G−1) · Σ_g (num_g − R·den_g)² / (Σ den)². Positions of one eval block share a document,
+    so they are not independent; clustering by block is the honest error bar (measured on the main
+    job's held-out set: 2-4x the per-position one). NaN with fewer than 2 clusters."""
+    num, den = num.to(torch.float64), den.to(torch.float64)
+    g = num.shape[0]
+    if g < 2:
+        return torch.full(num.shape[1:], float("nan"), dtype=torch.float64)
+    total = den.sum(0)
+    ratio = num.sum(0) / total
+    resid = num - ratio * den
+    return (g / (g - 1) * resid.square().sum(0)).sqrt() / total
 
 
 def brier_lm(scores: dict) -> dict:
@@ -65,7 +82,8 @@ def brier_lm(scores: dict) -> dict:
     brier_n is the position-averaged Brier-n (a fraction, at most 1); brierlm is 100 × the
     geometric mean of max(brier_n, 0) over every n in ``scores`` (n = 1..4 by default). A Brier-n
     with no scored positions is NaN and makes BrierLM NaN. With "sumsq", each brier_n also gets its
-    standard error over positions, brier_n_se (positions treated as independent).
+    standard error, brier_n_se: clustered by block when "block_sum" holds two blocks or more
+    (:func:`ratio_standard_error`), else over positions treated as independent.
     """
     total = scores["sum"].to(torch.float64)
     count = scores["count"].to(torch.float64)
@@ -74,6 +92,8 @@ def brier_lm(scores: dict) -> dict:
     if "sumsq" in scores:
         var = (scores["sumsq"].to(torch.float64) - count * means.square()) / (count - 1).clamp(min=1)
         se = torch.where(count > 1, (var.clamp(min=0) / count.clamp(min=1)).sqrt(), torch.full_like(total, float("nan")))
+        if "block_sum" in scores and scores["block_sum"].shape[0] >= 2:
+            se = ratio_standard_error(scores["block_sum"], scores["block_count"])
         out.update({f"brier_{n + 1}_se": float(v) for n, v in enumerate(se)})
     clipped = means.clamp(min=0.0)  # the reference takes max(·, 0) before the geometric mean
     if torch.isnan(means).any():

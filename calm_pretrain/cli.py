@@ -131,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/demo", help="outputs; finished stages are reused on a re-run")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's training steps")
     p.set_defaults(func=cmd_demo)
+    from calm_pretrain.eval.commands import add_eval_arguments, add_generate_arguments, cmd_eval, cmd_generate
+
+    p = sub.add_parser("eval", help="score a release, run or checkpoint on an eval set: BrierLM, Brier-1..4, "
+                       "CALM's energy skill, AE reconstruction, each with its standard error")
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="sample text from a CALM (likelihood-free temperature sampling) or a "
+                       "Transformer release, run or checkpoint")
+    add_generate_arguments(p)
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("release-info", help="print the config and parameter count of a release directory")
     p.add_argument("dir", help="release directory (config.json + model.safetensors or pytorch_model.bin)")
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")

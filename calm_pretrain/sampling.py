@@ -160,22 +160,28 @@ def _truncate_after_eos(new: torch.Tensor, eos_id: int, pad_id: int) -> torch.Te
 @torch.no_grad()
 def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float = 0.5,
                   num_candidates: int = 200, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
-                  use_cache: bool = True, generator: Optional[torch.Generator] = None):
+                  use_cache: bool = True, generator: Optional[torch.Generator] = None, sampler: str = "batch",
+                  on_chunk: Optional[Callable[[torch.Tensor], None]] = None):
     """Sample a continuation from a CALM, one K-token chunk per step.
 
     The prompt ([T] or [B, T]) is right-padded with ``pad_id`` to a multiple of K. Each step:
     hidden state of the last chunk → ``num_candidates`` head samples (1 at T = 1) → AE argmax →
     :func:`batch_temperature_sample` → the chosen K tokens are appended and re-embedded (latents
-    are never fed back). A row stops after a chunk containing EOS (tokens after the EOS are
-    dropped); generation ends when all rows stopped or ``max_new_tokens`` is reached. Pads are
-    stripped from the returned prompt + continuation (a tensor for a 1-D prompt, else a list).
+    are never fed back). With ``sampler="exact"`` each row's chunk comes from
+    :func:`exact_temperature_sample` over single head samples instead (any T in (0, 1]). A row stops
+    after a chunk containing EOS (tokens after the EOS are dropped); generation ends when all rows
+    stopped or ``max_new_tokens`` is reached. Pads are stripped from the returned prompt +
+    continuation (a tensor for a 1-D prompt, else a list). ``on_chunk(chunk [B, K])`` sees each step's
+    chunk as it is chosen (streaming).
     """
     k = calm.k
     cfg = calm.config
     eos_id = cfg.eos_token_id if eos_id is None else eos_id
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
-    n = _inverse_temperature(temperature)
-    num_draws = 1 if n == 1 else num_candidates
+    if sampler not in ("batch", "exact"):
+        raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
+    n = _inverse_temperature(temperature) if sampler == "batch" else _split_inverse_temperature(temperature)[0]
+    num_draws = 1 if n == 1 or sampler == "exact" else num_candidates
     device = next(calm.parameters()).device
 
     ids, single = _as_batch(prompt_ids)
@@ -195,15 +201,22 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
             h = calm.hidden_states(feed, cache)[:, -1]
         else:
             h = calm.hidden_states(torch.cat([ids, *new_chunks], 1))[:, -1]
-        z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
-        tokens = ae.decode(z.unsqueeze(-2)).argmax(-1)  # [B, N, K]
         chunk = ids.new_full((b, k), pad_id)
-        for row in range(b):
-            if done[row]:
-                continue  # finished rows are padded, and stripped at the end
-            cands = [tuple(c) for c in tokens[row].tolist()]
-            chunk[row] = torch.tensor(batch_temperature_sample(cands, n, generator), device=device)
+        if sampler == "exact":
+            for row in range(b):
+                if not done[row]:
+                    chunk[row] = torch.tensor(_exact_chunk(calm, ae, h[row], temperature, generator), device=device)
+        else:
+            z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
+            tokens = ae.decode(z.unsqueeze(-2)).argmax(-1)  # [B, N, K]
+            for row in range(b):
+                if done[row]:
+                    continue  # finished rows are padded, and stripped at the end
+                cands = [tuple(c) for c in tokens[row].tolist()]
+                chunk[row] = torch.tensor(batch_temperature_sample(cands, n, generator), device=device)
         new_chunks.append(chunk)
+        if on_chunk is not None:
+            on_chunk(chunk)
         feed = chunk
         done |= (chunk == eos_id).any(-1)
         if done.all():
@@ -214,12 +227,24 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
     return _finish(out, pad_id, single)
 
 
+def _exact_chunk(calm, ae, h: torch.Tensor, temperature: float, generator) -> tuple:
+    """One chunk from the exact sampler: each draw is one head sample of hidden state h [H], decoded."""
+    def draw() -> tuple:
+        z = calm.head.sample(h[None], 1, generator=generator)  # [1, 1, d]
+        return tuple(ae.decode(z.unsqueeze(-2)).argmax(-1)[0, 0].tolist())
+    return exact_temperature_sample(draw, temperature, generator)
+
+
 @torch.no_grad()
 def generate_transformer(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0,
                          eos_id: Optional[int] = None, pad_id: Optional[int] = None, use_cache: bool = True,
-                         generator: Optional[torch.Generator] = None):
-    """Softmax temperature sampling from a discrete LM (T = 0: greedy). Same stopping and return
-    convention as :func:`generate_calm`."""
+                         generator: Optional[torch.Generator] = None, top_p: float = 1.0,
+                         on_chunk: Optional[Callable[[torch.Tensor], None]] = None):
+    """Softmax temperature sampling from a discrete LM (T = 0: greedy), optionally restricted to the
+    smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling). Same stopping, return
+    and streaming (``on_chunk``, one token per step) conventions as :func:`generate_calm`."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     cfg = model.config
     eos_id = cfg.eos_token_id if eos_id is None else eos_id
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
@@ -245,10 +270,15 @@ def generate_transformer(model, prompt_ids, max_new_tokens: int, temperature: fl
             tok = logits.argmax(-1)
         else:
             # Inverse CDF with one explicit uniform per row: the same draws in cached/uncached runs.
-            cdf = torch.softmax(logits.double() / temperature, -1).cumsum(-1)
+            probs = torch.softmax(logits.double() / temperature, -1)
+            if top_p < 1:
+                probs = _nucleus(probs, top_p)
+            cdf = probs.cumsum(-1)
             tok = (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[-1] - 1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         new_tokens.append(tok[:, None].to(ids.dtype))
+        if on_chunk is not None:
+            on_chunk(new_tokens[-1])
         feed = new_tokens[-1]
         done |= tok == eos_id
         if done.all():
@@ -256,3 +286,43 @@ def generate_transformer(model, prompt_ids, max_new_tokens: int, temperature: fl
 
     new = torch.cat(new_tokens, 1) if new_tokens else ids[:, :0]
     return _finish(torch.cat([ids, new], 1), pad_id, single)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [B, V] with everything outside the smallest top-p set zeroed (not renormalised: the
+    inverse-CDF draw scales by the remaining total)."""
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep_sorted = sorted_p.cumsum(-1) - sorted_p < top_p  # a token is kept if the mass before it is < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return probs * keep
+
+
+def generate(model, ae, prompt_ids, max_new_tokens: int, temperature: float, *, sampler: str = "batch",
+             candidates: int = 200, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+             on_tokens: Optional[Callable[[list], None]] = None) -> tuple[list, int]:
+    """One prompt [T] → (prompt + continuation ids without pads, backbone steps taken), for a CALM (with
+    its `ae`) or a Transformer; `on_tokens(new ids)` streams each step's tokens (pads and anything
+    after EOS left out)."""
+    cfg = model.config
+    steps, stopped = [0], [False]
+
+    def on_chunk(chunk: torch.Tensor) -> None:
+        steps[0] += 1
+        if on_tokens is None or stopped[0]:
+            return
+        out = []
+        for t in chunk[0].tolist():
+            if t == cfg.pad_token_id:
+                continue
+            out.append(t)
+            if t == cfg.eos_token_id:
+                stopped[0] = True
+                break
+        on_tokens(out)
+    if ae is not None:
+        ids = generate_calm(model, ae, prompt_ids, max_new_tokens, temperature, num_candidates=candidates,
+                            generator=generator, sampler=sampler, on_chunk=on_chunk)
+    else:
+        ids = generate_transformer(model, prompt_ids, max_new_tokens, temperature, generator=generator,
+                                   top_p=top_p, on_chunk=on_chunk)
+    return ids.tolist(), steps[0]

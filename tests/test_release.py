@@ -10,6 +10,7 @@ import torch
 
 from calm_pretrain import release
 from calm_pretrain.cli import main as cli_main
+from tests.tiny_models import perturbed, tiny_bpe
 from calm_pretrain.config import load_config
 from calm_pretrain.models import build_model
 from calm_pretrain.release import (ReleaseError, export_release, export_state_dict, import_release,
@@ -18,14 +19,6 @@ from tests.conftest import REPO
 
 V = 300  # tiny vocabulary shared by the three models
 SMALL = [f"model.vocab_size={V}", "model.hidden_size=32", "model.intermediate_size=48"]
-
-
-def _perturbed(model):
-    """Random values everywhere: unit norms and the zero-initialised head output would hide mistakes."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +30,14 @@ def models():
         "model.head.noise_size=8", "model.head.num_blocks=2"]).model
     tr_cfg = load_config(REPO / "configs/tiny/transformer.yaml", SMALL + [
         "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2"]).model  # grouped-query attention
-    return {"ae": _perturbed(build_model(ae_cfg)), "calm": _perturbed(build_model(calm_cfg)),
-            "transformer": _perturbed(build_model(tr_cfg))}
+    return {"ae": perturbed(build_model(ae_cfg)), "calm": perturbed(build_model(calm_cfg)),
+            "transformer": perturbed(build_model(tr_cfg))}
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     """A small byte-level BPE with the demo tokenizer's specials, wrapped like the demo tokenizer."""
-    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
-
-    from data_pipeline.tokenizers import DEMO_SPECIALS, HFTokenizer
-
-    tk = Tokenizer(tk_models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=V, special_tokens=DEMO_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(["the release layout of the published checkpoints"] * 20, trainer=trainer)
-    return HFTokenizer(tk, "tiny", "tiny-bpe", DEMO_SPECIALS[1], DEMO_SPECIALS[2], DEMO_SPECIALS[0])
+    return tiny_bpe(["the release layout of the published checkpoints"] * 20, V)
 
 
 IDS = torch.randint(3, V, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -149,7 +132,7 @@ def test_a_transformers_llama_checkpoint_imports(tmp_path):
     hf_cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
                                       tie_word_embeddings=True, pad_token_id=None, bos_token_id=1, eos_token_id=2)
-    hf = _perturbed(transformers.LlamaForCausalLM(hf_cfg))
+    hf = perturbed(transformers.LlamaForCausalLM(hf_cfg))
     hf.save_pretrained(str(tmp_path / "hf"))
     ours, cfg = import_release(tmp_path / "hf")
     assert (cfg.rope_theta, cfg.pad_token_id, cfg.num_kv_heads) == (500000.0, 2, 2)
@@ -200,7 +183,7 @@ def test_calm_with_a_non_energy_head_round_trips_through_the_sidecar(models, tmp
     cfg = load_config(REPO / "configs/tiny/calm.yaml", SMALL + [
         "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2", "model.latent_dim=16",
         "model.head.type=mse", "model.head.num_blocks=1"]).model
-    calm = _perturbed(build_model(cfg))
+    calm = perturbed(build_model(cfg))
     export_release(calm, tmp_path / "calm")
     values = json.loads((tmp_path / "calm" / "config.json").read_text())
     assert values["architectures"] == ["CALM"]  # not claimed to be the reference's EnergyTransformer

@@ -87,16 +87,21 @@ def test_the_marginal_never_samples_the_position_itself():
     assert len(set(draws[0, :, 0].round().tolist())) == 4  # every other position is drawn
 
 
-def test_brier_standard_errors_are_the_standard_errors_of_the_per_position_estimates():
+def test_brier_standard_errors_per_position_and_clustered_by_block():
     g = torch.Generator().manual_seed(5)
     est = torch.randint(-1, 3, (3, 50, 4), generator=g).double()
     valid = torch.ones(50, 4, dtype=torch.bool)
     valid[-3:, 2:] = False
-    out = brier_lm(_totals(est, valid))
+    totals = _totals(est, valid)
+    per_position = brier_lm({k: v for k, v in totals.items() if not k.startswith("block_")})
+    clustered = brier_lm(totals)
     for n in range(4):
-        vals = est[:, valid[:, n], n].flatten()
-        assert out[f"brier_{n + 1}"] == pytest.approx(float(vals.mean()))
-        assert out[f"brier_{n + 1}_se"] == pytest.approx(float(vals.std()) / math.sqrt(vals.numel()))
+        vals = est[:, valid[:, n], n]  # [blocks, positions]
+        assert per_position[f"brier_{n + 1}"] == pytest.approx(float(vals.mean()))
+        assert per_position[f"brier_{n + 1}_se"] == pytest.approx(float(vals.std()) / math.sqrt(vals.numel()))
+        # clustered by block: every block holds the same number of positions, so the ratio estimator's
+        # error is the standard error of the three block means
+        assert clustered[f"brier_{n + 1}_se"] == pytest.approx(float(vals.mean(1).std()) / math.sqrt(3))
 
 
 def test_calm_skill_on_a_real_model_against_the_broadcast_formula():
@@ -136,3 +141,29 @@ def test_calm_skill_on_a_real_model_against_the_broadcast_formula():
     gold = torch.cat([ids[0, 2:] for ids in blocks])
     assert got["token_accuracy"] == pytest.approx(float((tokens == gold).double().mean()))
     assert got["skill_positions"] == 15
+
+
+def test_clustered_standard_errors_match_the_spread_across_replications():
+    """Positions of one block share an offset (one document): the block-clustered standard error of a
+    mean (and of the skill ratio) agrees with the spread over replications; the per-position one is
+    far too small, which is why evaluations cluster by block."""
+    from calm_pretrain.brier import ratio_standard_error
+
+    g = torch.Generator().manual_seed(6)
+    blocks, per_block = 30, 40
+    means, clustered, naive, skills, skill_se = [], [], [], [], []
+    for _ in range(200):
+        offset = torch.randn(blocks, 1, generator=g, dtype=torch.float64).expand(-1, per_block)
+        model = 10 + offset + 0.5 * torch.randn(blocks, per_block, generator=g, dtype=torch.float64)
+        marginal = 11 + offset + 0.5 * torch.randn(blocks, per_block, generator=g, dtype=torch.float64)
+        means.append(float(model.mean()))
+        clustered.append(float(ratio_standard_error(model.sum(1), torch.full((blocks,), float(per_block)))))
+        naive.append(float(model.std()) / math.sqrt(model.numel()))
+        ids = torch.arange(blocks)[:, None].expand(-1, per_block).flatten()
+        r = skill_summary(model.flatten(), marginal.flatten(), ids)
+        skills.append(r["energy_skill"])
+        skill_se.append(r["energy_skill_se"])
+    spread = float(torch.tensor(means).std())
+    assert 0.8 < (sum(clustered) / len(clustered)) / spread < 1.25
+    assert (sum(naive) / len(naive)) / spread < 0.5  # the per-position error bar would be overconfident
+    assert 0.8 < (sum(skill_se) / len(skill_se)) / float(torch.tensor(skills).std()) < 1.25

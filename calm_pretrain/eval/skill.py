@@ -18,7 +18,7 @@ scored against the very same target samples, so the two scores are paired. The e
 > 0 when the model's predictions are closer to the truth than the eval set's own distribution of
 chunks, 0 in expectation for a model that samples the marginal, at most 1 − ES(Q)/ES(marginal) for a
 model that samples the true posterior. Standard errors are over positions (the delta method for the
-ratio), treating positions as independent.
+ratio), clustered by eval block: the positions of one block share a document and are not independent.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from calm_pretrain.brier import ratio_standard_error
 from calm_pretrain.losses import energy_loss
 
 
@@ -63,19 +64,30 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), (float(x.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan)
 
 
-def skill_summary(model: torch.Tensor, marginal: torch.Tensor) -> dict:
-    """Paired per-position scores [P] (model, marginal) → means, standard errors and the skill."""
+def skill_summary(model: torch.Tensor, marginal: torch.Tensor, blocks: Optional[torch.Tensor] = None) -> dict:
+    """Paired per-position scores [P] (model, marginal) → means, standard errors and the skill.
+
+    With `blocks` (the eval block of every position, [P]) and at least two blocks, the standard errors
+    are clustered by block (ratio_standard_error); else positions are treated as independent (the
+    delta method for mean(model) / mean(marginal))."""
     model, marginal = model.double().flatten(), marginal.double().flatten()
     n = model.numel()
     es, es_se = _mean_se(model)
     ms, ms_se = _mean_se(marginal)
     ratio = es / ms
-    # delta method for mean(a)/mean(b) with paired a, b
-    var = (model.var() - 2 * ratio * torch.cov(torch.stack([model, marginal]))[0, 1]
-           + ratio ** 2 * marginal.var()) / (n * ms ** 2)
+    if blocks is not None and int(blocks.max()) >= 1:
+        g = int(blocks.max()) + 1
+        sums = torch.zeros(g, 3, dtype=torch.float64).index_add_(
+            0, blocks, torch.stack([model, marginal, torch.ones_like(model)], -1))
+        skill_se = float(ratio_standard_error(sums[:, 0], sums[:, 1]))
+        es_se, ms_se = (float(ratio_standard_error(sums[:, i], sums[:, 2])) for i in (0, 1))
+    else:
+        var = (model.var() - 2 * ratio * torch.cov(torch.stack([model, marginal]))[0, 1]
+               + ratio ** 2 * marginal.var()) / (n * ms ** 2)
+        skill_se = math.sqrt(max(float(var), 0.0))
     return {"energy_score": es, "energy_score_se": es_se, "marginal_energy_score": ms,
-            "marginal_energy_score_se": ms_se, "energy_skill": 1.0 - ratio,
-            "energy_skill_se": math.sqrt(max(float(var), 0.0)), "skill_positions": n}
+            "marginal_energy_score_se": ms_se, "energy_skill": 1.0 - ratio, "energy_skill_se": skill_se,
+            "skill_positions": n}
 
 
 @torch.no_grad()
@@ -88,7 +100,7 @@ def calm_skill(model, ae, blocks, num_samples: int = 8, num_target_samples: int 
     positions in slices of `slice_positions`, target samples then the marginal's positions and noise."""
     device = next(model.parameters()).device
     k = model.k
-    samples, mus, log_sigmas, correct = [], [], [], []
+    samples, mus, log_sigmas, correct, block_of, num_blocks = [], [], [], [], [], 0
     for block in blocks:
         ids = torch.as_tensor(block, device=device)
         ids = (ids[None] if ids.dim() == 1 else ids)[:, : ids.shape[-1] // k * k]
@@ -99,6 +111,8 @@ def calm_skill(model, ae, blocks, num_samples: int = 8, num_target_samples: int 
         x = model.head.sample(h, num_samples, generator=generator)  # [B, C-1, N, d]
         tokens = ae.decode(x[:, :, 0]).argmax(-1)  # sample 1 decoded: [B, (C-1)·K]
         correct.append((tokens == ids[:, k:]).double().reshape(-1, k).mean(-1).cpu())  # per position
+        block_of.append((num_blocks + torch.arange(x.shape[0]))[:, None].expand(-1, x.shape[1]).flatten())
+        num_blocks += x.shape[0]  # every row of ids is one block: the standard errors cluster by it
         samples.append(x.flatten(0, 1).cpu())
         mus.append(mu[:, 1:].flatten(0, 1).cpu())
         log_sigmas.append(log_sigma[:, 1:].flatten(0, 1).cpu())
@@ -111,7 +125,12 @@ def calm_skill(model, ae, blocks, num_samples: int = 8, num_target_samples: int 
         y = posterior_draws(mu[lo:hi], log_sigma[lo:hi], num_target_samples, generator)
         model_scores.append(energy_scores(x[lo:hi], y))
         marginal_scores.append(energy_scores(marginal_draws(mu, log_sigma, num_samples, generator, lo, hi), y))
-    out = skill_summary(torch.cat(model_scores), torch.cat(marginal_scores))
-    acc, acc_se = _mean_se(torch.cat(correct))
+    blocks_of = torch.cat(block_of)
+    out = skill_summary(torch.cat(model_scores), torch.cat(marginal_scores), blocks_of)
+    correct = torch.cat(correct)
+    acc, acc_se = _mean_se(correct)
+    if num_blocks >= 2:
+        acc_se = float(ratio_standard_error(torch.zeros(num_blocks, dtype=torch.float64).index_add_(0, blocks_of, correct),
+                                            torch.bincount(blocks_of, minlength=num_blocks)))
     out.update(token_accuracy=acc, token_accuracy_se=acc_se)
     return out

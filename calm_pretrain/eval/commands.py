@@ -1,0 +1,163 @@
+"""`calm-pretrain eval` and `calm-pretrain generate`: score or sample any release, run or checkpoint."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from calm_pretrain.eval.source import (PUBLISHED_BLOCK_TOKENS, SourceError, eval_blocks, load_source,
+                                       published_eval_set, write_json)
+
+SCORE_ROWS = [("brierlm", "BrierLM (x100)")] + [(f"brier_{n}", f"Brier-{n}") for n in range(1, 5)] + [
+    ("energy_skill", "energy skill"), ("energy_score", "energy score (model)"),
+    ("marginal_energy_score", "energy score (marginal)"), ("token_accuracy", "decoded-token accuracy"),
+    ("accuracy", "reconstruction accuracy")] + [(f"accuracy_noise_{s:g}", f"  latent noise sigma={s:g}")
+                                                 for s in (0.1, 0.2, 0.3, 0.5)]
+
+
+def add_eval_arguments(p) -> None:
+    p.add_argument("source", help="a release directory (ours or the published layout), a run directory or a checkpoint")
+    p.add_argument("--data", nargs="+", help="eval set: text inputs (jsonl, jsonl.zst, parquet, txt) or a token shard "
+                   "directory (default with --published: $CALM_WIKITEXT103_TEST)")
+    p.add_argument("--block-tokens", type=int, help="tokens per block (default: the model's trained context; "
+                   "--published: 8192 for CALM, 2048 for the Transformer)")
+    p.add_argument("--published", action="store_true", help="the published protocol: WikiText-103 test documents, "
+                   "the published block sizes")
+    p.add_argument("--max-blocks", type=int, default=0, help="score only the first N blocks (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ae", help="the CALM's autoencoder directory (when the release does not embed one)")
+    p.add_argument("--tokenizer", help="tokenizer for text inputs (default: the one saved with the release)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--json", help="write every number and the protocol to this file")
+
+
+def _table(result: dict) -> str:
+    lines = [f"{'score':<28} {'value':>10}  {'± s.e.':>8}"]
+    for key, label in SCORE_ROWS:
+        if key in result:
+            se = result.get(f"{key}_se")
+            lines.append(f"{label:<28} {result[key]:>10.4f}  {'' if se is None else f'{se:8.4f}'}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from calm_pretrain.eval.heldout import evaluate_model
+
+    try:
+        src = load_source(args.source, args.ae, args.tokenizer)
+        block = args.block_tokens or (PUBLISHED_BLOCK_TOKENS[src.arch] if args.published else src.context_tokens)
+        k = getattr(src.model.config, "k", 1)
+        if block % k:
+            raise SourceError(f"--block-tokens {block} is not a multiple of the model's K = {k}")
+        data = args.data or ([published_eval_set()] if args.published else None)
+        if not data:
+            raise SourceError("no eval set: pass --data (text inputs or token shards) or --published")
+        blocks, eval_set = eval_blocks(data, src.tokenizer, block, args.max_blocks, args.text_field)
+    except SourceError as e:
+        print(f"eval error: {e}", file=sys.stderr)
+        return 2
+    print(f"{src.description}\neval set {', '.join(data)}: {eval_set['blocks']} blocks of {block} tokens "
+          f"(ids {eval_set['ids_fingerprint']}), seed {args.seed}", flush=True)
+    t0 = time.perf_counter()
+    result = evaluate_model(src.model, _progress(blocks, block), ae=src.ae, seed=args.seed)
+    seconds = time.perf_counter() - t0
+    print(_table(result))
+    print(f"{eval_set['tokens']:,} tokens in {seconds:.1f} s ({eval_set['tokens'] / seconds:,.0f} tokens/s)")
+    if args.json:
+        write_json(args.json, {"source": str(args.source), "arch": src.arch, "seed": args.seed, "eval_set": eval_set,
+                               "protocol": "published" if args.published else "custom", "seconds": seconds,
+                               "scores": result})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _progress(blocks: list, block_tokens: int):
+    """The blocks, with a progress bar on stderr each time a scoring pass goes through them."""
+    from tqdm import tqdm
+
+    class Blocks(list):
+        def __iter__(self):
+            return iter(tqdm(list.__iter__(self), total=len(self), unit="tok", unit_scale=block_tokens,
+                             leave=False, file=sys.stderr, disable=None))
+    return Blocks(blocks)
+
+
+def add_generate_arguments(p) -> None:
+    p.add_argument("source", help="a release directory, a run directory or a checkpoint (CALM or Transformer)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line")
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--sampler", choices=["batch", "exact"], default="batch",
+                   help="CALM: the batch approximation (T = 1/n) or the exact rejection sampler (any T in (0, 1])")
+    p.add_argument("--candidates", type=int, default=200, help="CALM batch sampler: head samples per chunk")
+    p.add_argument("--top-p", type=float, default=1.0, help="Transformer: nucleus sampling")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ae", help="the CALM's autoencoder directory (when the release does not embed one)")
+    p.add_argument("--tokenizer", help="tokenizer (default: the one saved with the release)")
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SourceError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise SourceError("an empty prompt has nothing to condition on")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from calm_pretrain.sampling import generate
+
+    try:
+        prompts = _prompts(args)
+        src = load_source(args.source, args.ae, args.tokenizer)
+        if src.arch == "autoencoder":
+            raise SourceError(f"{args.source}: an autoencoder does not generate text")
+        if src.tokenizer is None:
+            raise SourceError(f"{args.source}: no tokenizer saved with it: pass --tokenizer")
+        if not 0 < args.temperature <= 1 and src.arch == "calm":
+            raise SourceError(f"--temperature {args.temperature}: likelihood-free sampling needs T in (0, 1]")
+    except SourceError as e:
+        print(f"generate error: {e}", file=sys.stderr)
+        return 2
+    gen = torch.Generator().manual_seed(args.seed)
+    tok = src.tokenizer
+    total_new, steps, t0 = 0, 0, time.perf_counter()
+    for prompt in prompts:
+        ids = torch.tensor(tok.encode(prompt), dtype=torch.long)
+        for i in range(args.num_samples):
+            try:
+                out, backbone_steps = generate(src.model, src.ae, ids, args.max_new_tokens, args.temperature,
+                                               sampler=args.sampler, candidates=args.candidates,
+                                               top_p=args.top_p, generator=gen,
+                                               on_tokens=_streamer(tok, prompt if i == 0 else None))
+            except ValueError as e:
+                print(f"\ngenerate error: {e}", file=sys.stderr)
+                return 2
+            print(flush=True)
+            total_new += len(out) - len(ids)
+            steps += backbone_steps
+    seconds = time.perf_counter() - t0
+    per_token = f", {steps / max(total_new, 1):.2f} backbone steps per generated token" if src.arch == "calm" else ""
+    print(f"-- {total_new} new tokens in {seconds:.1f} s ({total_new / seconds:,.1f} tokens/s{per_token})",
+          file=sys.stderr)
+    return 0
+
+
+def _streamer(tok, prompt):
+    """Prints the prompt once, then the text of each decoded chunk as it arrives."""
+    if prompt is not None:
+        print(f"### {prompt}", flush=True)
+    seen: list[int] = []
+
+    def on_tokens(new_ids: list[int]) -> None:
+        before = tok.decode(seen)
+        seen.extend(new_ids)
+        print(tok.decode(seen)[len(before):], end="", flush=True)
+    return on_tokens

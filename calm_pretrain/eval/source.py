@@ -1,0 +1,184 @@
+"""What `calm-pretrain eval` and `generate` score or sample: a model from a release directory (ours or
+the published layout), a training run directory or a checkpoint (consolidated on the fly from any
+ZeRO / TP / PP layout), with its frozen autoencoder and tokenizer; and the token blocks of an eval set
+(any text input `calm-data tokenize` reads, or token shards).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+# The published recipe: WikiText-103's test split at document level, 8192-token blocks for CALM and
+# 2048 for the Transformer (the block size moves BrierLM by about 30%, so it is part of the protocol).
+PUBLISHED_BLOCK_TOKENS = {"calm": 8192, "transformer": 2048, "autoencoder": 2048}
+WIKITEXT_ENV = "CALM_WIKITEXT103_TEST"  # where --published finds the WikiText-103 test documents (jsonl)
+
+
+class SourceError(ValueError):
+    """A model source or eval set that cannot be used; the message names the file."""
+
+
+@dataclass
+class Source:
+    model: torch.nn.Module
+    arch: str
+    ae: Optional[torch.nn.Module]  # CALM's frozen autoencoder
+    tokenizer: object  # data_pipeline Tokenizer or None
+    context_tokens: int  # the block size the model was trained on (the default eval block size)
+    description: str
+
+
+def _is_release(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _load_ae(path: str):
+    from data_pipeline.ae_io import load_autoencoder
+    from data_pipeline.errors import DataError
+
+    if not Path(path).is_dir():
+        raise SourceError(f"--ae {path}: no such autoencoder directory")
+    try:
+        return load_autoencoder(path).eval()
+    except DataError as e:
+        raise SourceError(str(e)) from None
+
+
+def _calm_ae(cfg, where: Path, ae_dir: Optional[str], embedded_from: Optional[Path]):
+    """--ae first, then an embedded copy (ae_model.* in the release), then the config's ae_path if it
+    exists here; a published release's ae_path names the authors' machine, hence the --ae flag."""
+    if ae_dir:
+        ae = _load_ae(ae_dir)
+    elif embedded_from is not None and _has_embedded_ae(embedded_from):
+        from calm_pretrain.release import import_release_ae
+
+        ae = import_release_ae(embedded_from)[0].eval()
+    elif cfg.ae_path and Path(cfg.ae_path).is_dir():
+        ae = _load_ae(cfg.ae_path)
+    else:
+        hint = f" (its ae_path {cfg.ae_path!r} does not exist here)" if cfg.ae_path else ""
+        raise SourceError(f"{where}: a CALM needs its autoencoder: none is embedded{hint}; pass --ae DIR")
+    c = ae.config
+    if (c.k, c.latent_dim) != (cfg.k, cfg.latent_dim):
+        raise SourceError(f"{where}: the autoencoder has K={c.k}, latent {c.latent_dim}; the CALM needs "
+                          f"K={cfg.k}, latent {cfg.latent_dim}")
+    return ae.requires_grad_(False)
+
+
+def _has_embedded_ae(release: Path) -> bool:
+    from calm_pretrain.release import read_release_tensors
+
+    tensors, _ = read_release_tensors(release, header_only=True)
+    return any(name.startswith("ae_model.") for name in tensors)
+
+
+def _tokenizer(spec: Optional[str], release: Optional[Path]):
+    from data_pipeline.tokenizers import load_tokenizer
+
+    if spec:
+        return load_tokenizer(spec)
+    if release is not None and any((release / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return load_tokenizer(str(release))
+    return None
+
+
+def load_source(path: str | os.PathLike, ae_dir: Optional[str] = None, tokenizer: Optional[str] = None) -> Source:
+    """A release directory, a run directory or a checkpoint → the model (eval mode), its AE and tokenizer."""
+    from calm_pretrain.release import ReleaseError, import_release
+    from calm_pretrain.train.checkpoint import CheckpointError, read_trainer_state, resolve_checkpoint, trained_model
+
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such release, run directory or checkpoint")
+    try:
+        if _is_release(path):
+            model, cfg = import_release(path)
+            model = model.float().eval()
+            k = getattr(cfg, "k", 1)
+            context, what, release = cfg.max_position_embeddings * k if cfg.arch != "autoencoder" else 0, \
+                "release", path
+        else:
+            ckpt = resolve_checkpoint(path)
+            model = trained_model(ckpt)
+            cfg = model.config
+            run_cfg = read_trainer_state(ckpt)["config"]
+            context = run_cfg["data"]["seq_chunks"] * getattr(cfg, "k", 1)
+            what, release = f"checkpoint {ckpt.name}", None
+    except (ReleaseError, CheckpointError) as e:
+        raise SourceError(str(e)) from None
+    ae = _calm_ae(cfg, path, ae_dir, release) if cfg.arch == "calm" else None
+    if cfg.arch == "autoencoder":
+        context = cfg.k * 64
+    n = sum(p.numel() for p in model.parameters())
+    return Source(model=model.requires_grad_(False), arch=cfg.arch, ae=ae, tokenizer=_tokenizer(tokenizer, release),
+                  context_tokens=context, description=f"{cfg.arch} {what} {path} ({n / 1e6:.2f}M parameters)")
+
+
+def published_eval_set() -> str:
+    """The WikiText-103 test documents for --published: $CALM_WIKITEXT103_TEST, else a clear error."""
+    path = os.environ.get(WIKITEXT_ENV)
+    if not path or not Path(path).is_file():
+        raise SourceError(f"--published needs the WikiText-103 test documents (one JSON object per document with a "
+                          f"'text' field): pass --data PATH or set {WIKITEXT_ENV}")
+    return path
+
+
+def _shard_stream(path: Path, tokenizer) -> tuple[torch.Tensor, str]:
+    """All token ids of a shard directory in sample order, and the shards' tokenizer fingerprint."""
+    import numpy as np
+
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.shards import ShardReader
+
+    manifest = load_manifest(path)
+    theirs = manifest.tokenizer_fingerprint
+    if tokenizer is not None and theirs and theirs != tokenizer.fingerprint:
+        raise SourceError(f"{path}: the shards were made with tokenizer {theirs}, the model's tokenizer is "
+                          f"{tokenizer.fingerprint}: tokenize the eval set with the model's tokenizer")
+    ids = []
+    for entry in manifest.shards:  # in order: an lm-layout shard's samples are consecutive text
+        with ShardReader(manifest.shard_path(entry), expected_bytes=entry.bytes, num_samples=entry.num_samples) as r:
+            ids.append(torch.from_numpy(np.ascontiguousarray(r.read_samples(range(r.num_samples))["ids"])).long().flatten())
+    return torch.cat(ids), theirs
+
+
+def eval_blocks(inputs: list[str], tokenizer, block_tokens: int, max_blocks: int = 0,
+                text_field: str = "text") -> tuple[list[torch.Tensor], dict]:
+    """[1, block_tokens] blocks of the eval set and its description (paths, fingerprint of the ids)."""
+    from data_pipeline.evalset import eval_blocks as text_blocks
+
+    if len(inputs) == 1 and (Path(inputs[0]) / "manifest.json").is_file():
+        stream, tok_fp = _shard_stream(Path(inputs[0]), tokenizer)
+        n = stream.numel() // block_tokens
+        blocks = [stream[i * block_tokens:(i + 1) * block_tokens][None] for i in range(n)]
+    else:
+        if tokenizer is None:
+            raise SourceError(f"{', '.join(inputs)}: text needs a tokenizer; the source has none saved with it: "
+                              "pass --tokenizer")
+        for p in inputs:
+            if not Path(p).exists():
+                raise SourceError(f"{p}: no such eval file")
+        blocks = [b for p in inputs for b in text_blocks(p, tokenizer, block_tokens, text_field)]
+        tok_fp = tokenizer.fingerprint
+    if max_blocks:
+        blocks = blocks[:max_blocks]
+    if not blocks:
+        raise SourceError(f"{', '.join(inputs)}: yields no full block of {block_tokens} tokens")
+    digest = hashlib.sha256()
+    for b in blocks:
+        digest.update(b.to(torch.int64).numpy().tobytes())
+    return blocks, {"inputs": list(inputs), "tokenizer_fingerprint": tok_fp, "blocks": len(blocks),
+                    "block_tokens": block_tokens, "tokens": len(blocks) * block_tokens,
+                    "ids_fingerprint": digest.hexdigest()[:16]}
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
