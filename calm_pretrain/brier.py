@@ -64,8 +64,9 @@ def merge_scores(a: Optional[dict], b: dict) -> dict:
 def ratio_standard_error(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """Standard error of sum(num) / sum(den) over G clusters (rows; [G] or [G, ...]): the linearised
     variance G/(G−1) · Σ_g (num_g − R·den_g)² / (Σ den)². Positions of one eval block share a document,
-    so they are not independent; clustering by block is the honest error bar (measured on the main
-    job's held-out set: 2-4x the per-position one). NaN with fewer than 2 clusters."""
+    so they are not independent; clustering by block accounts for that (measured on the main job's
+    811 held-out blocks of 256 tokens: 1.25x the per-position error of the energy skill, 1.1x of
+    Brier-1). NaN with fewer than 2 clusters."""
     num, den = num.to(torch.float64), den.to(torch.float64)
     g = num.shape[0]
     if g < 2:
