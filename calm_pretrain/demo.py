@@ -324,13 +324,10 @@ def load_trained(run_dir: Path):
 
 
 def held_out_blocks(path: Path, n: int, batch: int = 8):
-    """The first `n` held-out samples (rounded down to whole batches of `batch`, at least one batch)."""
-    from data_pipeline.loader import ShardLoader
+    """`n` held-out samples spread over the set, in batches of `batch` (at least one batch)."""
+    from calm_pretrain.eval.source import heldout_blocks
 
-    batch = min(batch, n)
-    with ShardLoader(path, global_batch_size=batch, seed=0, prefetch=0) as loader:
-        total = min(n, loader.samples_per_epoch)
-        return [next(loader)["ids"] for _ in range(max(1, total // batch))]
+    return heldout_blocks(path, n, batch=min(batch, n))
 
 
 def _settings(stage: StageSection, cfg: RunConfig) -> dict:

@@ -487,7 +487,7 @@ FINAL_SCORES = tuple(f"{name}{se}" for name in ("brier_1", "brier_2", "brier_3",
                      for se in ("", "_se"))
 
 
-def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
+def evaluate_point(point: dict, eval_dir: str, log=print, max_blocks: Optional[int] = None) -> dict:
     """BrierLM of a point's newest checkpoint on `eval_dir` (a CALM also gets its energy skill and score,
     calm_pretrain.eval.skill), written to <run_dir>/sweep_eval.json.
 
@@ -506,6 +506,8 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     cfg = load_config(point["config"])
     tree = cfg.to_dict()
     tree["data"]["eval"] = eval_dir
+    if max_blocks:
+        tree["eval"]["max_blocks"] = max_blocks
     if point.get("ae_path"):
         tree["model"]["ae_path"] = point["ae_path"]
     cfg = config_from_dict(tree)
@@ -522,7 +524,9 @@ def evaluate_point(point: dict, eval_dir: str, log=print) -> dict:
     return result
 
 
-def evaluate_plan(plan_dir: str | os.PathLike, force: bool = False) -> int:
+def evaluate_plan(plan_dir: str | os.PathLike, force: bool = False, max_blocks: Optional[int] = None) -> int:
+    """Score every trained point's newest checkpoint (evaluate_point) on the plan's eval shards, on the
+    first `max_blocks` held-out blocks (default: each point's eval.max_blocks); returns how many."""
     plan = json.loads((Path(plan_dir) / "plan.json").read_text())
     if not plan.get("eval"):
         raise SweepError(f"{plan_dir}: the sweep names no eval shards (data.eval)")
@@ -538,7 +542,7 @@ def evaluate_plan(plan_dir: str | os.PathLike, force: bool = False) -> int:
             print(f"{p['name']}: not scored (a CALM point without an autoencoder: set autoencoders.{p['k']} "
                   "or the base config's model.ae_path)")
             continue
-        evaluate_point(p, plan["eval"])
+        evaluate_point(p, plan["eval"], max_blocks=max_blocks)
         done += 1
     return done
 
@@ -924,6 +928,7 @@ def main(argv=None) -> int:
     s = sub.add_parser("evaluate", help="final BrierLM of every point (the plan's eval stage)")
     s.add_argument("plan_dir")
     s.add_argument("--force", action="store_true", help="score points already scored again")
+    s.add_argument("--max-blocks", type=int, help="held-out blocks to score (default: each point's eval.max_blocks)")
     s = sub.add_parser("export-ae", help="AE training runs → release directories for calm-data encode")
     s.add_argument("pairs", nargs="+", metavar="RUN_DIR RELEASE_DIR")
     args = p.parse_args(argv)
@@ -967,7 +972,7 @@ def main(argv=None) -> int:
             for path in plot(runs, steps, fit_result, args.out):
                 print(f"wrote {path}")
         elif args.command == "evaluate":
-            print(f"scored {evaluate_plan(args.plan_dir, args.force)} points")
+            print(f"scored {evaluate_plan(args.plan_dir, args.force, args.max_blocks)} points")
         elif args.command == "export-ae":
             if len(args.pairs) % 2:
                 raise SweepError("export-ae takes pairs: RUN_DIR RELEASE_DIR [RUN_DIR RELEASE_DIR ...]")

@@ -129,6 +129,12 @@ def published_eval_set() -> str:
     return path
 
 
+def _shard_stream_fingerprint(path: Path) -> Optional[str]:
+    from data_pipeline.manifest import load_manifest
+
+    return load_manifest(path).tokenizer_fingerprint
+
+
 def _shard_stream(path: Path, tokenizer) -> tuple[torch.Tensor, str]:
     """All token ids of a shard directory in sample order, and the shards' tokenizer fingerprint."""
     import numpy as np
@@ -148,15 +154,39 @@ def _shard_stream(path: Path, tokenizer) -> tuple[torch.Tensor, str]:
     return torch.cat(ids), theirs
 
 
+def _subset(blocks: list, max_blocks: int, seed: int = 0) -> list:
+    """`max_blocks` of the blocks drawn without replacement by a fixed seed, kept in their order: a
+    spread over the whole eval set (the first N blocks would come from a few neighbouring documents)."""
+    if not max_blocks or max_blocks >= len(blocks):
+        return blocks
+    pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:max_blocks]
+    return [blocks[i] for i in sorted(pick.tolist())]
+
+
+def heldout_blocks(path: str | os.PathLike, max_blocks: int = 0, block_tokens: Optional[int] = None,
+                   batch: int = 1, tokenizer=None) -> list[torch.Tensor]:
+    """Held-out token shards → [batch, block_tokens] blocks (block_tokens: the shards' sample length),
+    `max_blocks` of them spread over the set (0: all). The one way every evaluation reads token shards:
+    the trainer's periodic eval, the main job, the sweep and `calm-pretrain eval`."""
+    stream, _ = _shard_stream(Path(path), tokenizer)
+    if block_tokens is None:
+        from data_pipeline.manifest import load_manifest
+
+        block_tokens = load_manifest(Path(path)).sample_tokens
+    blocks = _subset([stream[i * block_tokens:(i + 1) * block_tokens] for i in range(stream.numel() // block_tokens)],
+                     max_blocks)
+    return [torch.stack(blocks[i:i + batch]) for i in range(0, len(blocks) - batch + 1, batch)] or \
+        ([torch.stack(blocks)] if blocks else [])
+
+
 def eval_blocks(inputs: list[str], tokenizer, block_tokens: int, max_blocks: int = 0,
                 text_field: str = "text") -> tuple[list[torch.Tensor], dict]:
     """[1, block_tokens] blocks of the eval set and its description (paths, fingerprint of the ids)."""
     from data_pipeline.evalset import eval_blocks as text_blocks
 
     if len(inputs) == 1 and (Path(inputs[0]) / "manifest.json").is_file():
-        stream, tok_fp = _shard_stream(Path(inputs[0]), tokenizer)
-        n = stream.numel() // block_tokens
-        blocks = [stream[i * block_tokens:(i + 1) * block_tokens][None] for i in range(n)]
+        blocks = heldout_blocks(inputs[0], max_blocks, block_tokens, tokenizer=tokenizer)
+        tok_fp = _shard_stream_fingerprint(Path(inputs[0]))
     else:
         if tokenizer is None:
             raise SourceError(f"{', '.join(inputs)}: text needs a tokenizer; the source has none saved with it: "
@@ -166,8 +196,7 @@ def eval_blocks(inputs: list[str], tokenizer, block_tokens: int, max_blocks: int
                 raise SourceError(f"{p}: no such eval file")
         blocks = [b for p in inputs for b in text_blocks(p, tokenizer, block_tokens, text_field)]
         tok_fp = tokenizer.fingerprint
-    if max_blocks:
-        blocks = blocks[:max_blocks]
+        blocks = _subset(blocks, max_blocks)
     if not blocks:
         raise SourceError(f"{', '.join(inputs)}: yields no full block of {block_tokens} tokens")
     digest = hashlib.sha256()

@@ -75,11 +75,11 @@ def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[
 
 
 def held_out_blocks(cfg: RunConfig) -> list[torch.Tensor]:
-    """The token blocks every evaluation scores: the first `eval.max_blocks` (default 16) of `data.eval`."""
-    from data_pipeline.loader import ShardLoader
+    """The token blocks every evaluation of this run scores: `eval.max_blocks` (default 16) of `data.eval`,
+    spread over the held-out set by a fixed seed (calm_pretrain.eval.source.heldout_blocks)."""
+    from calm_pretrain.eval.source import heldout_blocks
 
-    with ShardLoader(cfg.data.eval, global_batch_size=1, seed=0, prefetch=0) as loader:
-        return [next(loader)["ids"] for _ in range(min(cfg.eval.max_blocks or 16, loader.samples_per_epoch))]
+    return heldout_blocks(cfg.data.eval, cfg.eval.max_blocks or 16)
 
 
 def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Optional[Callable]:

@@ -20,7 +20,7 @@ for c in "$OUT"/plan/configs/*.yaml; do
 done
 printf '%s\n' "${configs[@]}" | xargs -P "$PARALLEL" -I{} bash -c \
   'calm-pretrain train --config "$1" > "'"$OUT"'/logs/train_$(basename "$1" .yaml).log" 2>&1 && echo "trained $1" || echo "FAILED $1"' _ {}
-calm-sweep evaluate "$OUT/plan"
+calm-sweep evaluate "$OUT/plan" --max-blocks 1000 --force   # every held-out block: 811 of 256 tokens
 calm-sweep collect "$OUT/plan" --out "$OUT/results.csv"
 calm-sweep fit "$OUT/results.csv" --out "$OUT/fit_brierlm.json"
 calm-sweep fit "$OUT/results.csv" --metric energy_skill --out "$OUT/fit_energy_skill.json"
