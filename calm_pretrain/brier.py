@@ -1,4 +1,4 @@
-"""BrierLM: a sample-based, strictly proper language-model score (CALM_SPEC §3).
+"""BrierLM: a sample-based, strictly proper language-model score (docs/method.md, 'BrierLM').
 
 Brier(P, y) = 2·P(y) − Σ_x P(x)², higher is better, at most 1. Brier-n scores the model's
 distribution over the next n tokens given a gold context; BrierLM = 100 · geometric mean of
@@ -323,7 +323,7 @@ def evaluate_brier(model, blocks: Iterable[torch.Tensor], ae=None, max_n: int = 
 
     A CALM needs its autoencoder ``ae``; without one the model is scored as a discrete LM. A CALM
     block whose length is not a multiple of K loses its last partial chunk. The block size is part
-    of the result because it changes BrierLM noticeably (CALM_SPEC §3): ``block_tokens`` is the
+    of the result because it changes BrierLM noticeably (docs/method.md, 'BrierLM'): ``block_tokens`` is the
     size of the blocks (a sorted list if they differ).
     """
     device = _device(model)

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class AutoencoderConfig:
-    """The token-chunk autoencoder (CALM_SPEC §1). Defaults are the published K=4 / d=128 AE."""
+    """The token-chunk autoencoder (docs/method.md, 'Autoencoder'). Defaults are the published K=4 / d=128 AE."""
 
     arch: str = "autoencoder"
     k: int = 4  # tokens per chunk ("patch_size")
@@ -68,7 +68,7 @@ class AutoencoderConfig:
 
 @dataclass
 class HeadConfig:
-    """The generative head of CALM (CALM_SPEC §2); `type` selects a head from the registry."""
+    """The generative head of CALM (docs/method.md, 'Energy head'); `type` selects a head from the registry."""
 
     type: str = "energy"  # energy | flow | diffusion | gmm | mse (models/heads.py HEADS)
     num_blocks: int = 4  # residual MLP blocks ("num_mlp_layers"); the depth of every head's network
@@ -88,7 +88,7 @@ class HeadConfig:
     diffusion_steps: int = 100
     # gmm head: mixture components
     num_components: int = 8
-    # Width-aware init of the head (README, "Learning at small width"): below this width the head's
+    # Width-aware init of the head (docs/method.md, 'Head initialisation at small width'): below this width the head's
     # weights are drawn with std model.init_std · sqrt(init_reference_width / H), so a narrow head
     # starts as sensitive to its condition as CALM-M's (H = 1024) does; at or above it, and with 0,
     # the head gets model.init_std exactly as published.
@@ -156,7 +156,7 @@ class BackboneConfig:
 
 @dataclass
 class CALMConfig(BackboneConfig):
-    """CALM LM: input compression of K tokens + backbone + generative head (CALM_SPEC §2)."""
+    """CALM LM: input compression of K tokens + backbone + generative head (docs/method.md, 'CALM language model')."""
 
     arch: str = "calm"
     k: int = 4

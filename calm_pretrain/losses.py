@@ -1,6 +1,6 @@
 """Losses: the energy score of CALM's head and the autoencoder's clipped KL.
 
-The energy loss per position, with N model samples x_n and M target samples y_m (CALM_SPEC §2):
+The energy loss per position, with N model samples x_n and M target samples y_m (docs/method.md, 'Energy score'):
 
     L = 2/(N·M) · Σ_{n,m} ‖x_n − y_m‖^α  −  1/(N(N−1)) · Σ_{n≠n'} ‖x_n − x_n'‖^α
 

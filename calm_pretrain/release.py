@@ -1,7 +1,7 @@
 """Release checkpoints: export to and import from the layout of the published CALM checkpoints.
 
 A release directory holds what the reference modeling code (``shaochenze/calm``) and HF tooling read
-(``../shared/notes/RELEASE_LAYOUT.md`` documents every key and tensor name):
+(docs/release.md, 'The published layout', documents every key and tensor name):
 
 - ``config.json``: the reference config fields, mapped from our config dataclasses
   (``Autoencoder`` → ``AutoencoderConfig`` keys, ``EnergyTransformer`` → ``CALMConfig`` keys, the
@@ -146,7 +146,8 @@ def release_config(cfg, dtype: torch.dtype = torch.float32) -> dict:
         out.update({key: getattr(cfg, ours) for key, ours in _BACKBONE_FIELDS})
         out.update(_LLAMA_CONSTANTS)
         if arch == ARCH_LLAMA:
-            # HF reads model_type to pick the class; the reference CALM configs must not carry it (§3.1).
+            # HF reads model_type to pick the class; the reference CALM configs must not carry it
+            # (docs/release.md, 'CALM config.json').
             out["model_type"] = "llama"
             out["head_dim"] = cfg.hidden_size // cfg.num_heads
         else:
@@ -322,7 +323,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _fill_ae_tie(state: dict, where: str) -> None:
     """Our AE holds one Parameter under both tied names, so either name alone suffices to load it (our
-    exports always write both, which the reference loader needs, §2.3); when both are given they must agree."""
+    exports always write both, which the reference loader needs: docs/release.md, 'The tied AE embedding'); when
+    both are given they must agree."""
     a, b = AE_TIED
     if a in state and b in state:
         if not _same(state[a], state[b]):
@@ -354,8 +356,8 @@ def split_release_state(arch: str, tensors: dict, where: str, tie_word_embedding
         if unknown:
             raise ReleaseError(f"{where}: unexpected {len(unknown)} tensor(s): {_few(sorted(unknown))}")
         return ours, None
-    # CALM: the AE copy and the head alias are optional (RELEASE_LAYOUT §3.4); if both head names are
-    # present they are one module in the reference and must hold the same values.
+    # CALM: the AE copy and the head alias are optional (docs/release.md, 'How a CALM finds its AE'); if both
+    # head names are present they are one module in the reference and must hold the same values.
     ae = {k[len(AE_PREFIX):]: v for k, v in tensors.items() if k.startswith(AE_PREFIX)} or None
     ours = {k: v for k, v in tensors.items() if not k.startswith((AE_PREFIX, HEAD_ALIAS_PREFIX))}
     for k, v in tensors.items():
@@ -377,7 +379,7 @@ def release_state(cfg, state: Mapping[str, torch.Tensor], ae_state: Optional[Map
     out = {to_release_name(arch, k): v for k, v in state.items()}
     if arch == ARCH_CALM:
         for k, v in state.items():
-            if k.startswith(HEAD_PREFIX):  # the reference registers the head twice (§3.2)
+            if k.startswith(HEAD_PREFIX):  # two names in the reference: docs/release.md, 'CALM parameter names'
                 out[HEAD_ALIAS_PREFIX + k[len(HEAD_PREFIX):]] = v
     if ae_state is not None:
         out.update({AE_PREFIX + k: v for k, v in ae_state.items()})

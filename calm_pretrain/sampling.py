@@ -1,4 +1,4 @@
-"""Likelihood-free temperature sampling and text generation (CALM_SPEC §4).
+"""Likelihood-free temperature sampling and text generation (docs/method.md, 'Likelihood-free temperature sampling').
 
 A CALM can draw samples but cannot evaluate probabilities, so temperature T = 1/n is realised by
 agreement between samples: n i.i.d. draws that all coincide are distributed ∝ P(x)^n.

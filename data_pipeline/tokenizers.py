@@ -10,7 +10,8 @@
 - ``"llama3"`` or ``"llama3:DIR"`` or a directory holding a tiktoken ``tokenizer.model`` but no
   ``tokenizer.json``: the Llama-3 tokenizer built offline from the tiktoken ranks (Llama-3 pattern,
   specials 128000–128255, [PAD]=128256, vocabulary 128257). ``"llama3"`` alone looks in
-  ``$CALM_LLAMA3_DIR`` or ``../shared/data/llama3_tokenizer`` beside the repository. It encodes with
+  ``$CALM_LLAMA3_DIR`` or ``../shared/data/llama3_tokenizer`` beside the repository (an optional
+  directory: docs/data.md, 'Optional data files'). It encodes with
   ``tiktoken`` (4-5x faster than a ``tokenizers`` BPE here); :func:`llama3_hf_backend` builds the
   equivalent ``tokenizers`` BPE from the same ranks and :func:`save_llama3_hf` writes it as a directory
   ``AutoTokenizer`` loads. The tests check both against a plain ``tiktoken.Encoding`` on real text.

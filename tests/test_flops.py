@@ -58,7 +58,8 @@ def test_hand_count_of_a_one_layer_transformer():
 
 
 def test_published_flops_table_within_ten_percent():
-    """CALM_SPEC §3 Table 1: training FLOPs (250k steps × 2^21 tokens) and inference FLOPs per token."""
+    """docs/method.md, 'Published results': training FLOPs (250k steps × 2^21 tokens) and inference FLOPs
+    per token."""
     ae = load_config(REPO / "configs/ae/ae_k4_d128.yaml").model
     tokens = 250_000 * 2 ** 21
     for path, train_pub, infer_pub in [("calm/calm_m.yaml", 3.7e20, 2.9e8),

@@ -1,4 +1,4 @@
-"""EnergyHead ("MLPGenerator", CALM_SPEC §2): shapes, init, batching, the reference formula, and
+"""EnergyHead ("MLPGenerator", docs/method.md, 'Energy head'): shapes, init, batching, the reference formula, and
 that it can actually learn a distribution with the energy loss."""
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_batched_samples_equal_one_sample_at_a_time():
 
 
 def reference_forward(head: EnergyHead, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """CALM_SPEC §2 written out literally for one (position, sample) row at a time: the condition is
+    """docs/method.md, 'Energy head', written out literally for one (position, sample) row at a time: the condition is
     concatenated to LN(x) and passed through the full Linear(2H→H), no weight splitting."""
     def ln(mod, v):
         return F.layer_norm(v, mod.normalized_shape, mod.weight, mod.bias, mod.eps)

@@ -1,4 +1,5 @@
-"""Alternative generative heads (flow, diffusion, gmm, mse; project issue 8): the shared interface,
+"""Alternative generative heads (flow, diffusion, gmm, mse; docs/method.md, 'Alternative generative heads'):
+the shared interface,
 each loss against an independent computation, the samplers against known answers, short fits of a
 2-D Gaussian mixture, and BrierLM / generation through a tiny CALM built with every head."""
 from __future__ import annotations

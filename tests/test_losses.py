@@ -1,4 +1,4 @@
-"""Energy loss and clipped KL against independent references (CALM_SPEC §1-2).
+"""Energy loss and clipped KL against independent references (docs/method.md, 'Autoencoder', 'Energy score').
 
 The references here are deliberately written differently from ``calm_pretrain.losses``: explicit
 Python loops over positions and sample pairs in float64 (gradients by autograd through those loops),
@@ -27,7 +27,7 @@ def _loop_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def brute_force_energy(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
-    """x [P, N, d], y [P, M, d] (float64) → [P], straight from the definition in CALM_SPEC §2."""
+    """x [P, N, d], y [P, M, d] (float64) → [P], straight from the definition in docs/method.md, 'Energy score'."""
     p, n, _ = x.shape
     m = y.shape[1]
     out = []

@@ -10,7 +10,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2,
 
 
 def spec_calm_params(v, h, i, layers, k=4, m=4, noise=64, latent=128):
-    """The closed form of RELEASE_LAYOUT.md §3.2 (MHA), independent of the module code."""
+    """The closed form of docs/release.md, 'Parameter count' (MHA), independent of the module code."""
     backbone = v * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
     embed_proj = (2 * k + 2) * h * h + 5 * h
     head = (2 + 6 * m) * h * h + (noise + 9 + 7 * m) * h + latent * (h + 1)

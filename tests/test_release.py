@@ -1,5 +1,6 @@
 """Release export/import (calm_pretrain.release): round trips compared on outputs, the documented
-reference layout (RELEASE_LAYOUT.md: config.json keys, parameter names, the parameter-count formula),
+reference layout (docs/release.md, 'The published layout': config.json keys, parameter names, the parameter-count
+formula),
 HF Llama compatibility of the Transformer baseline, pytorch_model.bin directories, refusal of untrusted
 pickles, error messages and atomic writes."""
 import json
@@ -220,16 +221,16 @@ def test_native_ae_directory_of_the_data_pipeline_imports(models, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# The documented reference layout (RELEASE_LAYOUT.md), written out here independently of the code
+# The documented reference layout (docs/release.md, 'The published layout'), written out here independently of the code
 # --------------------------------------------------------------------------------------------
-# §2.1: the table's keys. (Its heading says "24 keys" but the table names these 23; bos/eos/pad share a row.)
+# docs/release.md, 'Autoencoder config.json': its 23 keys.
 AE_CONFIG_KEYS = {
     "architectures", "ae_dropout", "kl_clamp", "kl_weight", "patch_size", "latent_size", "hidden_size",
     "intermediate_size", "num_encoder_layers", "num_decoder_layers", "vocab_size", "hidden_act", "mlp_bias",
     "pretraining_tp", "rms_norm_eps", "initializer_range", "max_position_embeddings", "bos_token_id",
     "eos_token_id", "pad_token_id", "tie_word_embeddings", "torch_dtype", "transformers_version",
 }
-# §3.1: the table's keys. (Its heading says "29 keys"; the table names these 31.)
+# docs/release.md, 'CALM config.json': its 31 keys.
 CALM_CONFIG_KEYS = {
     "architectures", "ae_path", "patch_size", "latent_size", "noise_size", "num_mlp_layers", "num_samples", "beta",
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -241,7 +242,7 @@ CALM_CONFIG_KEYS = {
 
 
 def reference_ae_shapes(v, h, i, latent, k, enc=2, dec=2):
-    """§2.2, generated from the table."""
+    """docs/release.md, 'Autoencoder parameter names', generated from the table."""
     s = {"encoder.embed_tokens.weight": (v, h), "encoder.squeeze_layer.weight": (h, k * h),
          "encoder.squeeze_layer.bias": (h,), "encoder.norm.weight": (h,),
          "encoder.hidden_to_latent.weight": (2 * latent, h), "encoder.hidden_to_latent.bias": (2 * latent,),
@@ -256,7 +257,7 @@ def reference_ae_shapes(v, h, i, latent, k, enc=2, dec=2):
 
 
 def reference_calm_shapes(v, h, i, layers, heads, kv_heads, k, latent, noise, m):
-    """§3.2 without ae_model.*, generated from the tables (head_dim = H / heads)."""
+    """docs/release.md, 'CALM parameter names', without ae_model.*, generated from the table (head_dim = H / heads)."""
     hd = h // heads
     s = {"transformer.embed_tokens.weight": (v, h), "transformer.norm.weight": (h,)}
     for n in range(layers):
@@ -287,7 +288,7 @@ def reference_calm_shapes(v, h, i, layers, heads, kv_heads, k, latent, noise, m)
 
 
 def spec_calm_params(v, h, i, layers, k, m, noise, latent):
-    """The closed form of §3.2 (MHA, without the AE)."""
+    """docs/release.md, 'Parameter count': the closed form (MHA, without the AE)."""
     return (v * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h + (2 * k + 2) * h * h + 5 * h
             + (2 + 6 * m) * h * h + (noise + 9 + 7 * m) * h + latent * (h + 1))
 
@@ -300,9 +301,10 @@ def test_ae_release_has_exactly_the_documented_config_keys_and_tensors(models, t
     tensors, _ = release.read_release_tensors(tmp_path / "ae")
     assert {k: tuple(t.shape) for k, t in tensors.items()} == reference_ae_shapes(V, 32, 48, 16, 4)
     assert len(tensors) == 28
-    # both tied names, as separate tensors with identical values (§2.3: dropping one breaks the reference)
+    # both tied names, as separate tensors with identical values (docs/release.md, 'The tied AE embedding':
+    # dropping one breaks the reference)
     assert torch.equal(tensors["encoder.embed_tokens.weight"], tensors["decoder.lm_head_weight"])
-    # the published AE's values (§2.1 table) from configs/ae/ae_k4_d128.yaml
+    # the published AE's values (docs/release.md, 'Autoencoder config.json') from configs/ae/ae_k4_d128.yaml
     published = release.release_config(load_config(REPO / "configs/ae/ae_k4_d128.yaml").model)
     assert published == {
         "architectures": ["Autoencoder"], "ae_dropout": 0.15, "kl_clamp": 0.5, "kl_weight": 0.001, "patch_size": 4,
@@ -330,7 +332,7 @@ def test_calm_release_has_the_documented_names_shapes_count_and_config(models, t
     assert set(values) == CALM_CONFIG_KEYS and values["architectures"] == ["EnergyTransformer"]
     gen = json.loads((tmp_path / "calm" / release.GENERATION_CONFIG).read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 0)
-    # CALM-M's values (§3.1 table) from configs/calm/calm_m.yaml
+    # CALM-M's values (docs/release.md, 'CALM config.json') from configs/calm/calm_m.yaml
     m = release.release_config(load_config(REPO / "configs/calm/calm_m.yaml").model)
     assert {k: m[k] for k in ("patch_size", "latent_size", "noise_size", "num_mlp_layers", "num_samples", "beta",
                               "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark of the data pipeline (CPU); writes a JSON of numbers.
 
-What it measures, on a slice of ../shared/data/corpus_mixed_en.jsonl.zst (real English text):
+What it measures, on a slice of ../shared/data/corpus_mixed_en.jsonl.zst (real English text; an optional
+file: docs/data.md, 'Optional data files'):
 
 * tokenize: tokens/s of the tokenizer alone (one process) and of ``calm-data tokenize`` end to end with
   1 and 2 worker processes (reading, tokenizing, packing, writing, verifying), for the Llama-3 tokenizer

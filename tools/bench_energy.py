@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CPU benchmark of CALM's energy head + energy loss (CALM_SPEC §2).
+"""CPU benchmark of CALM's energy head + energy loss (docs/method.md, 'Energy head').
 
 What it measures, for two shapes -- "ref_tiny" (H=256, d=128, N=8, M=100, 4 × 508 positions) and
 "calm_m" (H=1024, d=128, N=8, M=100, 4 × 2048 positions):

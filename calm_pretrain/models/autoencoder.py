@@ -1,4 +1,4 @@
-"""The token-chunk variational autoencoder (CALM_SPEC §1).
+"""The token-chunk variational autoencoder (docs/method.md, 'Autoencoder').
 
 K tokens → Gaussian posterior N(mu, sigma²) of dimension d → K tokens. MLP-only layers (no
 attention), the decoder's output projection tied to the encoder's token embedding. Parameter names

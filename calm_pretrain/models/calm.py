@@ -1,6 +1,7 @@
 """CALM language model: input compression of K tokens, Llama backbone, generative head.
 
-Position i reads the tokens of chunk i and predicts the latent of chunk i+1 (CALM_SPEC §2). The
+Position i reads the tokens of chunk i and predicts the latent of chunk i+1 (docs/method.md,
+'CALM language model'). The
 frozen autoencoder is not part of this module: training reads pre-encoded posteriors (mu, log_sigma)
 and evaluation/generation take the autoencoder as an argument.
 """

@@ -130,7 +130,7 @@ class EnergyHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Alternative heads (project issue 8; CALM_SPEC §6 "Generative heads"). They share two pieces:
+# Alternative heads (docs/method.md, 'Alternative generative heads'). They share two pieces:
 # posterior samples as training targets, and — for the iterative heads — an AdaLN-conditioned MLP.
 # --------------------------------------------------------------------------------------------
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -142,7 +142,7 @@ def posterior_samples(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: in
                       generator: Optional[torch.Generator] = None, dtype: Optional[torch.dtype] = None):
     """num_samples draws from N(mu, exp(log_sigma)²) per position: [..., d] → [..., N, d].
 
-    The autoencoder is frozen, so the targets carry no gradient (CALM_SPEC §2: the head must learn
+    The autoencoder is frozen, so the targets carry no gradient (docs/method.md, 'Energy score': the head must learn
     the posterior's spread, not only its mean)."""
     dtype = dtype or mu.dtype
     mu, sigma = mu.detach().to(dtype), log_sigma.detach().to(dtype).exp()
@@ -245,7 +245,8 @@ class AdaLNMLP(nn.Module):
 
 class FlowHead(nn.Module):
     """Flow matching (rectified-flow path): x_t = (1−t)·x0 + t·x1, x0 ~ N(0, I), x1 a posterior
-    sample, t ~ U(0, 1); the network regresses the path's velocity x1 − x0 (CALM_SPEC §6).
+    sample, t ~ U(0, 1); the network regresses the path's velocity x1 − x0 (docs/method.md,
+    'Alternative generative heads').
 
     Sampling integrates dx/dt = v(x, t, h) from t = 0 (noise) to 1 with ``flow_steps`` equal steps of
     the Euler or the midpoint solver (1 or 2 network evaluations per step). The reference uses the
@@ -317,7 +318,7 @@ def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.
 
 
 class DiffusionHead(nn.Module):
-    """Gaussian diffusion with ε-prediction (CALM_SPEC §6): cosine schedule over T =
+    """Gaussian diffusion with ε-prediction (docs/method.md, 'Alternative generative heads'): cosine schedule over T =
     ``diffusion_train_steps`` discrete steps; x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, t uniform in {0..T−1},
     loss ‖ε̂(x_t, t, h) − ε‖² averaged over rows and dimensions.
 

@@ -8,9 +8,8 @@ all-reduce/all-gather between them) and the model-parallel RNG tracker. On a mac
 * ``torch.cuda.current_device()`` names the device of new buffers (all-gather outputs in
   ``tensor_parallel.mappings``, weights when ``use_cpu_initialization`` is off). On CPU it returns
   ``torch.device("cpu")``, which every torch factory accepts as ``device=`` — no global
-  TorchFunctionMode is needed to rewrite "cuda" arguments (the reference shim in
-  ``shared/notes/mcore_cpu_shim.py`` installs one because it also runs megatron's DDP, distributed
-  optimizer and checkpointing, which this project leaves to DeepSpeed).
+  TorchFunctionMode is needed to rewrite "cuda" arguments (one would be, to also run megatron's DDP,
+  distributed optimizer and checkpointing on CPU, which this project leaves to DeepSpeed).
 * ``torch.cuda.synchronize()`` after collectives (e.g. ``update_pg_timeout``): a no-op on CPU.
 * The "CUDA" RNG state behind ``tensor_parallel.random`` (``CudaRNGStatesTracker.add/fork``,
   ``model_parallel_cuda_manual_seed``): ``torch.cuda.get_rng_state/set_rng_state/manual_seed`` and
