@@ -15,6 +15,12 @@ writing and rank 0 wrote the manifest; ``latest`` is replaced after that. A save
 therefore leaves a ``.partial`` directory (removed by the next save) and never touches the previous
 checkpoint. On resume the manifest is checked (sizes and checksums); a damaged checkpoint is reported
 by name and the newest intact one before it is used instead.
+
+Pruning keeps the newest ``keep_last`` *intact* checkpoints: a damaged one never counts (it is left in
+place, named in the log, and replaced when the run saves that step again), the checkpoint this run
+resumed from stays until a newer intact one exists, and a pinned checkpoint (``pinned.json``: the last
+one before a divergence, see ``divergence.py``) is never pruned. ``latest`` names only checkpoints
+that were just written or verified.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from data_pipeline.files import atomic_write_bytes, fsync_dir, sha256_file
 
 CHECKPOINT_VERSION = 1
 LATEST = "latest"
+PINNED = "pinned.json"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 
@@ -99,6 +106,10 @@ class Checkpointer:
                  log: Callable[[str], None] = print):
         self.root, self.keep_last = Path(root), keep_last
         self.rank, self.world_size, self.log = rank, world_size, log
+        # What this process knows of each checkpoint (name -> problem, None = intact): a checkpoint is
+        # checksummed at most once per launch, however often pruning looks at it.
+        self._problems: dict[str, Optional[str]] = {}
+        self.resumed_from: Optional[Path] = None
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, step: int, engine, trainer_state: dict) -> Path:
@@ -132,18 +143,62 @@ class Checkpointer:
             atomic_write_bytes(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
             os.replace(partial, final)
             fsync_dir(self.root)
+            self._problems[final.name] = None  # just written and checksummed
             atomic_write_bytes(self.root / LATEST, (final.name + "\n").encode())
-            self._prune()
+            self._prune(final)
             size = sum(s for s, _ in entries.values())
             self.log(f"checkpoint {final} saved ({len(entries)} files, {size / 2**20:.1f} MiB, "
                      f"{time.perf_counter() - t0:.1f}s)")
         barrier()
         return final
 
-    def _prune(self) -> None:
-        complete = self.complete_checkpoints()
-        for old in complete[: max(0, len(complete) - self.keep_last)]:
-            shutil.rmtree(old)
+    def problem(self, path: Path) -> Optional[str]:
+        """What is wrong with the checkpoint at `path` (None: intact), checksummed once per launch."""
+        if path.name not in self._problems:
+            self._problems[path.name] = verify_checkpoint(path)
+        return self._problems[path.name]
+
+    def _prune(self, newest: Path) -> None:
+        """Delete intact checkpoints beyond the newest `keep_last` intact ones, except the one just saved,
+        the one this run resumed from (until a newer intact one exists) and pinned ones. Damaged
+        checkpoints are neither counted nor deleted: counting them is how a fallback used to lose the
+        checkpoint it had fallen back to."""
+        intact, damaged = [], []
+        for path in self.complete_checkpoints():
+            (intact if self.problem(path) is None else damaged).append(path)
+        keep = set(intact[-self.keep_last:]) | {newest} | set(self.pinned())
+        resumed = self.resumed_from
+        if resumed is not None and not any(p.name > resumed.name for p in intact):
+            keep.add(resumed)
+        for path in intact:
+            if path not in keep:
+                shutil.rmtree(path)
+        for path in damaged:
+            self.log(f"WARNING: checkpoint {path} is damaged ({self.problem(path)}): not counted towards "
+                     f"train.keep_last and left in place")
+
+    # ---- pinning (divergence) ----------------------------------------------------------------
+    def pinned(self) -> list[Path]:
+        """Checkpoints that pruning never deletes (pinned.json, kept across launches)."""
+        f = self.root / PINNED
+        if not f.is_file():
+            return []
+        try:
+            return [self.root / entry["checkpoint"] for entry in json.loads(f.read_text())]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{f}: unreadable ({e}); it lists checkpoints that must not be pruned") from None
+
+    def pin(self, path: Path, reason: str) -> None:
+        """Never prune `path` (rank 0 writes; every rank may call)."""
+        if self.rank != 0 or path in self.pinned():
+            return
+        entries = [{"checkpoint": p.name} for p in self.pinned()] + [{"checkpoint": path.name, "reason": reason}]
+        atomic_write_bytes(self.root / PINNED, json.dumps(entries, indent=1).encode())
+
+    def newest_intact_before(self, step: int) -> Optional[Path]:
+        """The newest intact checkpoint of a step < `step`, or None."""
+        before = [p for p in self.complete_checkpoints() if int(p.name[5:]) < step and self.problem(p) is None]
+        return before[-1] if before else None
 
     # ---- finding -----------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
@@ -162,8 +217,13 @@ class Checkpointer:
         choice = None
         if self.rank == 0:
             choice = self._choose()
+            latest = self.root / LATEST
+            if choice and (not latest.is_file() or latest.read_text().strip() != Path(choice).name):
+                # `latest` named a damaged or deleted checkpoint: name the one actually used
+                atomic_write_bytes(latest, (Path(choice).name + "\n").encode())
         choice = broadcast_object(choice)
-        return Path(choice) if choice else None
+        self.resumed_from = Path(choice) if choice else None
+        return self.resumed_from
 
     def _choose(self) -> Optional[str]:
         candidates = list(reversed(self.complete_checkpoints()))
@@ -175,7 +235,7 @@ class Checkpointer:
                 candidates.insert(0, named)
         damaged = []
         for path in candidates:
-            problem = verify_checkpoint(path)
+            problem = self.problem(path)
             if problem is None:
                 if damaged:
                     self.log(f"WARNING: resuming from {path} instead: " + "; ".join(damaged))
