@@ -148,9 +148,10 @@ def main(argv=None) -> int:
     except Exception as e:  # the errors that name a bad file or input get one line, not a traceback
         from calm_pretrain.release import ReleaseError
         from calm_pretrain.train.checkpoint import CheckpointError
+        from calm_pretrain.train.divergence import TrainingDiverged
         from data_pipeline.errors import DataError
 
-        if isinstance(e, (CheckpointError, ReleaseError, DataError)):
+        if isinstance(e, (CheckpointError, ReleaseError, DataError, TrainingDiverged)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

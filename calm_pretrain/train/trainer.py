@@ -21,6 +21,7 @@ from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
 from calm_pretrain.parallel.groups import ParallelLayout
 from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, read_trainer_state
+from calm_pretrain.train.divergence import DivergenceMonitor, TrainingDiverged
 from calm_pretrain.train.schedule import lr_for
 from calm_pretrain.train.signals import StopRequest
 
@@ -125,6 +126,11 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.suspect_in_a_row = self.calm_in_a_row = 0
+        self.first_suspect_step: Optional[int] = None  # of the current episode of suspect steps
+        self.last_good_checkpoint: Optional[Path] = None  # pinned at that step
+        self.divergence = DivergenceMonitor(cfg.train.divergence_ratio, cfg.train.divergence_warmup,
+                                            cfg.train.divergence_window)
         self.tokens_seen = 0
         self.exit_reason = "running"
         # A pipeline rank holds only its stage's weights (the rest of `model` is on the meta device).
@@ -191,6 +197,7 @@ class Trainer:
             if self.flops_per_token and self.peak_flops:
                 record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world_size)
             record["memory_gb"] = peak_memory_gb(self.device)
+            self._judge(record)
             record["nonfinite_total"] = self.nonfinite_total
             if hasattr(self.loader, "consumed_samples"):
                 record["consumed_samples"] = self.loader.consumed_samples
@@ -198,15 +205,22 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, record)
             evaluated = any(k.startswith("eval/") for k in record)
-            if self.step % cfg.log_every == 0 or self.step == max_steps or stop or record["skipped"] or evaluated:
+            if (self.step % cfg.log_every == 0 or self.step == max_steps or stop or record["skipped"] or evaluated
+                    or record["suspect"]):
                 for cb in self.callbacks:
                     cb.on_log(self, record)
                 self._print(record, max_steps, (self.tokens_seen - start_tokens) / (time.perf_counter() - start))
             if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 self.exit_reason = "nonfinite"
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step} (train.max_nonfinite_steps="
-                    f"{cfg.max_nonfinite_steps}); the last good checkpoint is kept unchanged")
+                    f"{cfg.max_nonfinite_steps}); {self._last_good_message()}")
+            if self.suspect_in_a_row >= cfg.divergence_patience:
+                self.exit_reason = "diverged"
+                raise TrainingDiverged(
+                    f"training diverged: {self.suspect_in_a_row} suspect steps in a row at step {self.step} "
+                    f"(train.divergence_patience={cfg.divergence_patience}; {record['suspect']}); "
+                    f"{self._last_good_message()}")
             if self.checkpointer and (stop or self.step % cfg.save_every == 0 or self.step == max_steps):
                 self.save_checkpoint()
             if stop:
@@ -223,11 +237,56 @@ class Trainer:
                  f"grad_norm {r['grad_norm']:.3f} {tok_per_s:,.0f} tok/s"
                  + (f" mfu {100 * r['mfu']:.1f}%" if "mfu" in r else "")
                  + (f" acc {r['accuracy']:.4f}" if "accuracy" in r else "")
-                 + (" SKIPPED (non-finite)" if r["skipped"] else ""))
+                 + (" SKIPPED (non-finite)" if r["skipped"] else "")
+                 + (f" SUSPECT ({r['suspect']})" if r["suspect"] and not r["skipped"] else ""))
+
+    # ---- divergence --------------------------------------------------------------------------
+    def _judge(self, record: dict) -> None:
+        """Mark a suspect step (record["suspect"]: why, or ""). The first of an episode pins the
+        last checkpoint before it. Loss and norm are agreed over ranks: every rank judges alike."""
+        reason = self.divergence.check(record["loss"], record["grad_norm"])
+        record["suspect"] = reason or ""
+        if reason is None:  # finite and unsuspected
+            self.suspect_in_a_row = 0
+            self.calm_in_a_row += 1
+            if self.calm_in_a_row >= self.cfg.train.divergence_patience:
+                self.first_suspect_step = self.last_good_checkpoint = None  # the episode is over
+            return
+        self.calm_in_a_row = 0
+        if not record["skipped"]:  # non-finite steps are counted by nonfinite_in_a_row
+            self.suspect_in_a_row += 1
+        if self.first_suspect_step is None:
+            self.first_suspect_step = self.step
+            self.last_good_checkpoint = self._pin_last_good(self.step)
+            self.log(f"WARNING: step {self.step} is suspect ({reason}); {self._last_good_message()}")
+
+    def _pin_last_good(self, step: int) -> Optional[Path]:
+        """Pin the newest intact checkpoint from before step - 1: step's loss and gradient were
+        computed on the weights after update step - 1, so checkpoint step - 1 already holds them."""
+        if self.checkpointer is None:
+            return None
+        name = None
+        if self.rank == 0:
+            good = self.checkpointer.newest_intact_before(step - 1)
+            if good is not None:
+                self.checkpointer.pin(good, f"last checkpoint before the suspect step {step}")
+                name = str(good)
+        name = dist.broadcast_object(name)
+        return Path(name) if name else None
+
+    def _last_good_message(self) -> str:
+        t = self.first_suspect_step
+        if self.last_good_checkpoint is None:
+            return f"no checkpoint was saved before the first suspect step {t}"
+        return (f"the newest checkpoint before the first suspect step {t} is {self.last_good_checkpoint}, "
+                f"kept (pinned in {self.checkpointer.root / 'pinned.json'}: never pruned); later "
+                f"checkpoints may hold diverged weights")
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "tokens_seen": self.tokens_seen,
+                 "divergence": {**self.divergence.state_dict(), "first_suspect_step": self.first_suspect_step,
+                                "last_good_checkpoint": str(self.last_good_checkpoint or "")},
                  "model_signature": model_signature(self.model), "config": self.cfg.to_dict()}
         if hasattr(self.loader, "state_dict"):
             state["loader"] = self.loader.state_dict()
@@ -258,6 +317,11 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.tokens_seen = state.get("tokens_seen", 0)
+        divergence = state.get("divergence", {})
+        self.divergence.load_state_dict(divergence)
+        self.first_suspect_step = divergence.get("first_suspect_step")  # an open episode goes on
+        self.last_good_checkpoint = Path(divergence["last_good_checkpoint"]) \
+            if divergence.get("last_good_checkpoint") else None
 
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(self.step, self.engine, self.state_dict())
