@@ -108,3 +108,54 @@ def test_a_divergence_keeps_the_last_checkpoint_before_it_and_says_so(tmp_path, 
     assert "step_00000004" in _steps(root) and len(_steps(root)) == 3 and verify_checkpoint(good) is None
     weights = torch.load(good / "engine" / "engine.pt", weights_only=True)["model"]
     assert max(v.abs().max().item() for v in weights.values()) < 10  # the weights from before the divergence
+
+
+# ---- 3. two runs on one output directory -------------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from calm_pretrain.train.run_lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_into_a_live_runs_directory_is_refused(tmp_path, tokens):
+    import socket
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = _config(tmp_path / "run.yaml", tokens, run)
+        second = _train(cfg)
+        assert second.returncode == 1
+        message = second.stderr.strip()
+        assert message.startswith(f"error: {run}: another run is using this output directory (host "
+                                  f"{socket.gethostname()}, pid {holder.pid}, started "), message
+        assert f"lock file {run / 'train.lock'}" in message and "\n" not in message
+        # Under torchrun-style ranks: only rank 0 looks, every rank refuses alike.
+        procs = launch_ranks(2, ["train", "--config", str(cfg)], tmp_path / "logs")
+        assert wait_ranks(procs, 120) == [1, 1]
+        for r in (0, 1):
+            assert f"pid {holder.pid}" in (tmp_path / "logs" / f"rank{r}.log").read_text()
+        assert sorted(p.name for p in run.iterdir()) == ["train.lock"]  # nothing written beside the lock
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_of_a_dead_run_is_taken_over_with_a_warning(tmp_path, tokens):
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                                "started": "2026-01-01T00:00:00", "token": "old"}))
+    result = _train(_config(tmp_path / "run.yaml", tokens, run, max_steps=2))
+    assert result.returncode == 0, result.stderr
+    assert f"WARNING: took over the stale lock {run / 'train.lock'} of a run that is gone (host " \
+           f"{socket.gethostname()}, pid {dead.pid}" in result.stdout
+    assert not (run / "train.lock").exists()  # released at the end

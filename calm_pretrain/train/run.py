@@ -7,6 +7,7 @@ Exit codes: 0 finished, REQUEUE_EXIT_CODE (75) saved on a signal or time budget,
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -26,6 +27,7 @@ from calm_pretrain.parallel.plan import apply_activation_checkpointing, mark_zer
 from calm_pretrain.train.callbacks import EvalCallback, TensorBoardCallback, WandbCallback
 from calm_pretrain.train.checkpoint import Checkpointer
 from calm_pretrain.train.hardware import peak_flops
+from calm_pretrain.train.run_lock import lock_run_directory
 from calm_pretrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from calm_pretrain.train.trainer import Trainer
 
@@ -133,13 +135,14 @@ def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
     # Installed first: a preemption signal during start-up is then honoured at the first step boundary.
     stop = StopRequest(cfg.train.exit_after_minutes, log=log)
     try:
-        return _run(cfg, stop, log)
+        with contextlib.ExitStack() as cleanup:  # releases the run directory's lock
+            return _run(cfg, stop, log, cleanup)
     finally:
         stop.close()
         shutdown()
 
 
-def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
+def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup: contextlib.ExitStack) -> int:
     rank, world_size = init_distributed(cfg.train.dist_timeout_minutes)
     use_deepspeed = cfg.train.engine == "deepspeed" or (cfg.train.engine == "auto" and "RANK" in os.environ)
     if world_size > 1 and not use_deepspeed:
@@ -148,6 +151,10 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
     coords, topology = _layout(cfg, rank, world_size)
     out = Path(cfg.train.output_dir)
     say = log if rank == 0 else (lambda s: None)
+    # Before anything is written there: a second run into a live run's directory is refused.
+    lock = lock_run_directory(out, rank, say)
+    if lock is not None:
+        cleanup.callback(lock.release)
 
     # One line per rank: who it is, where it runs, and which groups it belongs to.
     line = (f"rank {rank}/{world_size} host {socket.gethostname()} pid {os.getpid()} device {device} "
