@@ -159,3 +159,60 @@ def test_a_stale_lock_of_a_dead_run_is_taken_over_with_a_warning(tmp_path, token
     assert f"WARNING: took over the stale lock {run / 'train.lock'} of a run that is gone (host " \
            f"{socket.gethostname()}, pid {dead.pid}" in result.stdout
     assert not (run / "train.lock").exists()  # released at the end
+
+
+# ---- 4. no code runs from a checkpoint file ----------------------------------------------------
+class _Payload:
+    """Unpickling this calls exec(...): it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",)
+
+
+def _plant(checkpoint: Path, rel: str, marker: Path) -> Path:
+    """Add the payload to a real file of `checkpoint` and rewrite manifest.json to match it (a careful
+    attacker's file passes the checksums)."""
+    import torch
+
+    from calm_pretrain.train.safe_load import safe_load
+    from data_pipeline.files import sha256_file
+
+    target = checkpoint / rel
+    state = safe_load(target)
+    state["payload"] = _Payload(marker)
+    torch.save(state, target)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][rel] = [target.stat().st_size, sha256_file(target)]
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_checkpoint(checkpoint) is None
+    return target
+
+
+def test_a_checkpoint_file_with_a_malicious_reduce_is_refused_not_run(tmp_path, tokens):
+    run, marker = tmp_path / "run", tmp_path / "PWNED"
+    cfg = _config(tmp_path / "run.yaml", tokens, run, max_steps=2, zero_stage=1)
+    assert wait_ranks(launch_ranks(2, ["train", "--config", str(cfg)], tmp_path / "logs"), 240) == [0, 0]
+    planted = _plant(run / "checkpoints" / "step_00000002", "engine/mp_rank_00_model_states.pt", marker)
+    refusal = f"{planted}: refusing to load it: it holds a pickled object that is not one of the types"
+
+    export = subprocess.run([sys.executable, "-m", "calm_pretrain.cli", "export", "--checkpoint", str(run),
+                             "--out", str(tmp_path / "release")], capture_output=True, text=True, timeout=120)
+    assert export.returncode == 1 and refusal in export.stderr and "GLOBAL exec" in export.stderr, export.stderr
+    assert not marker.exists() and not (tmp_path / "release").exists()
+
+    # Resume at the same layout (DeepSpeed's load_checkpoint, every rank) and at another one (through
+    # the universal conversion, ds_to_universal): both refuse, neither runs the payload.
+    for ranks, extra, logs in ((2, [], "same"), (1, ["train.grad_accum_steps=2"], "universal")):
+        codes = wait_ranks(launch_ranks(ranks, ["train", "--config", str(cfg), "train.max_steps=4", *extra],
+                                        tmp_path / logs), 240)
+        log = "".join(p.read_text() for p in (tmp_path / logs).glob("rank*.log"))
+        assert codes == [1] * ranks and f"error: {refusal}" in log, log
+        assert not marker.exists()
+
+    # The file is hostile indeed: an unrestricted torch.load runs it.
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(planted)!r}, weights_only=False)"],
+                   capture_output=True, timeout=60)
+    assert marker.read_text() == "code ran"

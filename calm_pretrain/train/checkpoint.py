@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
+from calm_pretrain.train.errors import CheckpointError
+from calm_pretrain.train.safe_load import deepspeed_loads_safely, safe_load
 from data_pipeline.files import atomic_write_bytes, fsync_dir, sha256_file
 
 CHECKPOINT_VERSION = 1
@@ -43,10 +45,6 @@ LATEST = "latest"
 PINNED = "pinned.json"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def step_dir_name(step: int) -> str:
@@ -250,7 +248,7 @@ class Checkpointer:
         f = path / "rng" / f"rank_{self.rank:05d}.pt"
         if not f.is_file():
             return False
-        set_rng_state(torch.load(f, weights_only=True))
+        set_rng_state(safe_load(f))
         return True
 
 
@@ -277,24 +275,28 @@ def consolidated_state_dict(path: Path) -> tuple[dict, "object"]:
     if problem:
         raise CheckpointError(f"checkpoint {path} is damaged ({problem})")
     config = model_config_from_dict(read_trainer_state(path)["config"]["model"])
+    with deepspeed_loads_safely():  # DeepSpeed's zero_to_fp32 calls torch.load itself
+        state = _engine_state_dict(path, config)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config
+
+
+def _engine_state_dict(path: Path, config) -> dict:
     engine = path / "engine"
     if (engine / "engine.pt").is_file():  # TorchEngine
-        state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
-    elif any(engine.glob("layer_00-*model_states.pt")):  # pipeline: one file per layer (and TP rank)
+        return safe_load(engine / "engine.pt")["model"]
+    if any(engine.glob("layer_00-*model_states.pt")):  # pipeline: one file per layer (and TP rank)
         from calm_pretrain.parallel.pipeline import pipeline_state_dict
 
-        state = pipeline_state_dict(engine, config)
-    elif (engine / "mp_rank_01_model_states.pt").is_file():  # tensor parallel: merge the ranks' shards
+        return pipeline_state_dict(engine, config)
+    if (engine / "mp_rank_01_model_states.pt").is_file():  # tensor parallel: merge the ranks' shards
         from calm_pretrain.parallel.tensor import merge_tensor_parallel_shards
 
-        shards = [torch.load(f, map_location="cpu", weights_only=False)["module"]
-                  for f in sorted(engine.glob("mp_rank_*_model_states.pt"))]
-        state = merge_tensor_parallel_shards(shards, config.vocab_size)
-    else:  # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        shards = [safe_load(f)["module"] for f in sorted(engine.glob("mp_rank_*_model_states.pt"))]
+        return merge_tensor_parallel_shards(shards, config.vocab_size)
+    # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
 
 
 def trained_model(path: Path):
