@@ -216,3 +216,36 @@ def test_a_checkpoint_file_with_a_malicious_reduce_is_refused_not_run(tmp_path, 
     subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(planted)!r}, weights_only=False)"],
                    capture_output=True, timeout=60)
     assert marker.read_text() == "code ran"
+
+
+# ---- 5. metrics.jsonl: each step once, valid JSON ----------------------------------------------
+def test_metrics_hold_each_step_once_and_only_valid_json(tmp_path, tokens):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "run.yaml", tokens, run, max_steps=400, save_every=1000)
+    # Killed before its first checkpoint, after some steps were logged.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    killed = subprocess.Popen([sys.executable, "-m", "calm_pretrain.cli", "train", "--config", str(cfg)],
+                              env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert killed.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (run / "checkpoints").exists()
+    # The relaunch starts afresh (no checkpoint): the killed run's rows go.
+    fresh = _train(cfg, "train.max_steps=4", "train.save_every=2")
+    assert fresh.returncode == 0, fresh.stderr
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]  # not 1..n of the killed run, then 1..4
+    # A resume from step 2 drops steps 3 and 4 first, then computes them again.
+    (run / "checkpoints" / "step_00000004").rename(run / "checkpoints" / "gone")
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+    resumed = _train(cfg, "train.max_steps=5", "train.save_every=2", "train.lr=1e9")  # lr 1e9: a NaN grad norm
+    assert resumed.returncode == 0, resumed.stderr
+    lines = metrics.read_text().splitlines()
+    records = [json.loads(x, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for x in lines]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[-1]["grad_norm"] is None and records[-1]["skipped"]

@@ -8,6 +8,7 @@ the trainer's own (step, counters) goes into ``trainer_state.json`` together wit
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -70,8 +71,10 @@ class Callback:
 class JSONLMetrics(Callback):
     """One JSON object per logged step (rank 0); the source of truth for tests and sweeps.
 
-    On resume, records of steps after the checkpoint (computed again) are dropped first, so the file
-    holds each step once, as if the run had never stopped.
+    On resume, records of steps after the checkpoint (computed again) are dropped first, and a fresh
+    start (no checkpoint) drops every record of a run killed before its first save: the file holds each
+    step once, as if the run had never stopped. Non-finite numbers are written as null (valid JSON;
+    bare NaN is not).
     """
 
     def __init__(self, path: Path, rank: int = 0):
@@ -95,8 +98,9 @@ class JSONLMetrics(Callback):
     def on_log(self, trainer, record: dict) -> None:
         if self.rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -332,6 +336,7 @@ class Trainer:
             return None
         path = self.checkpointer.find_resumable()
         if path is None:
+            self.metrics.truncate_after(0)  # the rows of a run killed before its first checkpoint
             return None
         state = read_trainer_state(path)
         self.load_state_dict(state, source=str(path))  # refuses changed models or data before any loading
