@@ -249,3 +249,64 @@ def test_metrics_hold_each_step_once_and_only_valid_json(tmp_path, tokens):
     records = [json.loads(x, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for x in lines]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert records[-1]["grad_norm"] is None and records[-1]["skipped"]
+
+
+# ---- 6. torchrun: the requeue code survives, orphaned workers stop -----------------------------
+def _wait_for_steps(run: Path, n: int, proc, timeout: float = 120) -> None:
+    import time
+
+    metrics, deadline = run / "metrics.jsonl", time.time() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or hung before its first steps"
+        time.sleep(0.05)
+
+
+def _torchrun_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def test_sigterm_under_the_launcher_ends_with_the_requeue_code(tmp_path, tokens):
+    import signal
+
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "run.yaml", tokens, run, max_steps=100000, save_every=100000)
+    with open(tmp_path / "launch.log", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "calm_pretrain.cli", "launch", "--standalone",
+                                 "--nproc-per-node", "2", "--", "train", "--config", str(cfg)],
+                                env=_torchrun_env(), stdout=out, stderr=subprocess.STDOUT)
+        _wait_for_steps(run, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    log = (tmp_path / "launch.log").read_text()
+    assert code == REQUEUE, log
+    assert "received SIGUSR1: saving a checkpoint" in log and "exiting 75" in log
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    assert verify_checkpoint(run / "checkpoints" / saved) is None
+
+
+def test_kill_9_of_torchrun_stops_its_workers(tmp_path, tokens):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "run.yaml", tokens, run, max_steps=100000, save_every=100000)
+    with open(tmp_path / "torchrun.log", "w") as out:
+        torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc-per-node", "2", "-m", "calm_pretrain.cli", "train", "--config", str(cfg)],
+                                    env=_torchrun_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for_steps(run, 2, torchrun)
+        workers = [int(line.split(" pid ")[1].split()[0]) for line in (run / "ranks.txt").read_text().splitlines()]
+        os.kill(torchrun.pid, signal.SIGKILL)
+        torchrun.wait()
+        deadline = time.time() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+            time.sleep(0.1)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    log = (tmp_path / "torchrun.log").read_text()
+    assert not alive, f"workers {alive} still training 30 s after torchrun was killed\n{log[-3000:]}"
+    assert "the launcher (pid" in log and "is gone" in log
+    assert not (run / "train.lock").exists()  # they saved and ended cleanly, releasing the directory
+    assert verify_checkpoint(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()) is None

@@ -27,6 +27,7 @@ from calm_pretrain.parallel.plan import apply_activation_checkpointing, mark_zer
 from calm_pretrain.train.callbacks import EvalCallback, TensorBoardCallback, WandbCallback
 from calm_pretrain.train.checkpoint import Checkpointer
 from calm_pretrain.train.hardware import peak_flops
+from calm_pretrain.train.launcher import WorkerSession
 from calm_pretrain.train.run_lock import lock_run_directory
 from calm_pretrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from calm_pretrain.train.trainer import Trainer
@@ -134,10 +135,14 @@ def _layout(cfg: RunConfig, rank: int, world_size: int):
 def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
     # Installed first: a preemption signal during start-up is then honoured at the first step boundary.
     stop = StopRequest(cfg.train.exit_after_minutes, log=log)
+    session = WorkerSession(stop, log)  # under torchrun: stop when it is gone; report the exit code
+    code = 1
     try:
         with contextlib.ExitStack() as cleanup:  # releases the run directory's lock
-            return _run(cfg, stop, log, cleanup)
+            code = _run(cfg, stop, log, cleanup)
+        return code
     finally:
+        session.close(code)  # before anything else: torchrun may SIGTERM this rank once a sibling exited
         stop.close()
         shutdown()
 
