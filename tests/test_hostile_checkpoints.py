@@ -310,3 +310,68 @@ def test_kill_9_of_torchrun_stops_its_workers(tmp_path, tokens):
     assert "the launcher (pid" in log and "is gone" in log
     assert not (run / "train.lock").exists()  # they saved and ended cleanly, releasing the directory
     assert verify_checkpoint(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()) is None
+
+
+# ---- 7. unclear errors of the training path, made clear -----------------------------------------
+def test_a_refused_resume_leaves_config_and_ranks_as_they_were(tmp_path, tokens):
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "run.yaml", tokens, run, max_steps=2)
+    assert _train(cfg).returncode == 0
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "ranks.txt")}
+    changed = _train(_config(tmp_path / "changed.yaml", tokens, run, model={"intermediate_size": 96}, max_steps=4))
+    assert changed.returncode == 1 and "the model changed since it was saved" in changed.stderr
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_resuming_with_the_other_engine_says_what_to_launch(tmp_path, tokens):
+    plain, ds = tmp_path / "plain", tmp_path / "ds"
+    plain_cfg = _config(tmp_path / "plain.yaml", tokens, plain, max_steps=2)
+    ds_cfg = _config(tmp_path / "ds.yaml", tokens, ds, max_steps=2)
+    assert _train(plain_cfg).returncode == 0
+    assert wait_ranks(launch_ranks(1, ["train", "--config", str(ds_cfg)], tmp_path / "logs"), 240) == [0]
+
+    one = _train(ds_cfg, "train.max_steps=4")  # a DeepSpeed checkpoint in one plain process
+    assert one.returncode == 1, one.stderr
+    assert one.stderr.strip() == (
+        f"error: {ds / 'checkpoints' / 'step_00000002'}: written by DeepSpeed (world size 1), but this run is one "
+        f"plain-PyTorch process: launch it under torchrun (calm-pretrain launch --standalone --nproc-per-node N -- "
+        f"train ...; another N is converted) or srun")
+    codes = wait_ranks(launch_ranks(1, ["train", "--config", str(plain_cfg), "train.max_steps=4"],
+                                    tmp_path / "logs2"), 240)  # a plain checkpoint under torchrun
+    log = (tmp_path / "logs2" / "rank0.log").read_text()
+    assert codes == [1] and "Traceback" not in log, log
+    assert (f"error: {plain / 'checkpoints' / 'step_00000002'}: written by one plain-PyTorch process "
+            f"(engine/engine.pt), but this run uses DeepSpeed") in log
+    forced = _train(plain_cfg, "train.engine=deepspeed")  # DeepSpeed without a launcher: no mpi4py hunt
+    assert forced.returncode == 2 and "train.engine=deepspeed needs ranks from a launcher" in forced.stderr
+
+
+def test_train_without_data_fails_before_building_the_model(tmp_path, tokens):
+    import time
+
+    cfg = yaml.safe_load(_config(tmp_path / "run.yaml", tokens, tmp_path / "run").read_text())
+    cfg["data"]["train"] = []
+    cfg["model"].update(num_layers=48, hidden_size=4096, intermediate_size=16384, num_heads=32, num_kv_heads=32,
+                        vocab_size=128000)  # ~10B parameters: building it would take minutes and 40 GB
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(cfg))
+    t0 = time.time()
+    result = _train(tmp_path / "big.yaml")
+    assert result.returncode == 2 and time.time() - t0 < 60
+    assert result.stderr.strip() == "config error: data.train: no training shards given (a list of shard directories)"
+
+
+def test_held_out_shards_of_another_tokenizer_are_refused(tmp_path, tokens):
+    from data_pipeline.testing import write_token_dataset
+
+    other = write_token_dataset(tmp_path / "held_out", np.random.default_rng(2).integers(3, 64, (8, 32)), k=1,
+                                tokenizer={"spec": "other", "type": "test", "fingerprint": "other-tokenizer",
+                                           "vocab_size": 64, "bos_id": 1, "eos_id": 2, "pad_id": 0})
+    cfg = yaml.safe_load(_config(tmp_path / "run.yaml", tokens, tmp_path / "run").read_text())
+    cfg["data"]["eval"] = str(tmp_path / "held_out")
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    result = _train(tmp_path / "eval.yaml")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: data.eval {other.path} was made with another tokenizer (fingerprint other-tokenizer) than the "
+        f"training data {tokens / 'manifest.json'} (fingerprint test-tokenizer): its scores would be computed on "
+        f"other token ids")

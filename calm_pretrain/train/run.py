@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig, dump_config
+from calm_pretrain.config import AutoencoderConfig, CALMConfig, ConfigError, RunConfig, dump_config
 from calm_pretrain.flops import training_flops_per_token
 from calm_pretrain.models import build_model, count_parameters
 from calm_pretrain.parallel.distributed import all_gather_object, shutdown
@@ -63,6 +63,26 @@ def data_expectations(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> d
     if isinstance(m, AutoencoderConfig):
         return {"k": m.k, "sample_tokens": cfg.data.seq_chunks * m.k}
     return {"sample_tokens": cfg.data.seq_chunks}
+
+
+def check_data(cfg: RunConfig) -> None:
+    """What can be checked before anything is built: training shards are given, and held-out shards
+    (data.eval) were made with the training data's tokenizer (else eval/brierlm scores other ids)."""
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training shards given (a list of shard directories)")
+    if not cfg.data.eval:
+        return
+    from data_pipeline.errors import IncompatibleDataError
+    from data_pipeline.manifest import load_manifest
+
+    train = load_manifest(cfg.data.train[0])
+    for path in [cfg.data.eval] if isinstance(cfg.data.eval, str) else cfg.data.eval:
+        held_out = load_manifest(path)
+        if held_out.tokenizer_fingerprint != train.tokenizer_fingerprint:
+            raise IncompatibleDataError(
+                f"data.eval {held_out.path} was made with another tokenizer (fingerprint "
+                f"{held_out.tokenizer_fingerprint}) than the training data {train.path} (fingerprint "
+                f"{train.tokenizer_fingerprint}): its scores would be computed on other token ids")
 
 
 def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[torch.nn.Module] = None):
@@ -151,7 +171,10 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
     rank, world_size = init_distributed(cfg.train.dist_timeout_minutes)
     use_deepspeed = cfg.train.engine == "deepspeed" or (cfg.train.engine == "auto" and "RANK" in os.environ)
     if world_size > 1 and not use_deepspeed:
-        raise ValueError("train.engine=torch runs in one process only; launch without torchrun or use deepspeed")
+        raise ConfigError("train.engine=torch runs in one process only; launch without torchrun or use deepspeed")
+    if use_deepspeed and "RANK" not in os.environ:  # DeepSpeed would look for MPI (mpi4py) to find its ranks
+        raise ConfigError("train.engine=deepspeed needs ranks from a launcher: run it under torchrun "
+                          "(calm-pretrain launch --standalone --nproc-per-node N -- train ...) or srun")
     device = _device()
     coords, topology = _layout(cfg, rank, world_size)
     out = Path(cfg.train.output_dir)
@@ -165,12 +188,8 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
     line = (f"rank {rank}/{world_size} host {socket.gethostname()} pid {os.getpid()} device {device} "
             f"local_rank {os.environ.get('LOCAL_RANK', 0)} {coords.describe()}")
     print(line, flush=True)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
     ranks = all_gather_object(line)
-    if rank == 0:
-        (out / "ranks.txt").write_text("\n".join(ranks) + "\n")
+    check_data(cfg)  # before the model is built
 
     ae = load_frozen_autoencoder(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -231,6 +250,9 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
                       stop=stop, rank=rank, world_size=world_size, flops_per_token=flops, peak_flops=peak)
     try:
         trainer.resume()
+        if rank == 0:  # only now: a refused resume leaves the run's record of itself as it was
+            (out / "config.yaml").write_text(dump_config(cfg))
+            (out / "ranks.txt").write_text("\n".join(ranks) + "\n")
         if trainer.step >= cfg.train.max_steps:
             say(f"[{cfg.name}] already trained to step {trainer.step} (train.max_steps={cfg.train.max_steps})")
             return 0

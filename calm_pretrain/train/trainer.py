@@ -330,6 +330,22 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(self.step, self.engine, self.state_dict())
 
+    def _check_engine_kind(self, path: Path, state: dict) -> None:
+        """A plain-PyTorch checkpoint (engine.pt) and a DeepSpeed one are not interchangeable: say what to
+        launch instead of failing inside the engine's loader."""
+        plain_checkpoint = (path / "engine" / "engine.pt").is_file()
+        plain_run = isinstance(self.engine, TorchEngine)
+        if plain_checkpoint and not plain_run:
+            raise CheckpointError(
+                f"{path}: written by one plain-PyTorch process (engine/engine.pt), but this run uses DeepSpeed "
+                f"({self.world_size} processes): resume it in one process without torchrun (train.engine=torch), "
+                f"or export it (calm-pretrain export) and start a DeepSpeed run with train.init_from=<release>")
+        if not plain_checkpoint and plain_run:
+            raise CheckpointError(
+                f"{path}: written by DeepSpeed (world size {state.get('world_size', '?')}), but this run is one "
+                f"plain-PyTorch process: launch it under torchrun (calm-pretrain launch --standalone --nproc-per-node N "
+                f"-- train ...; another N is converted) or srun")
+
     def resume(self) -> Optional[Path]:
         """Continue from the newest intact checkpoint, if there is one; returns its path."""
         if self.checkpointer is None:
@@ -339,6 +355,7 @@ class Trainer:
             self.metrics.truncate_after(0)  # the rows of a run killed before its first checkpoint
             return None
         state = read_trainer_state(path)
+        self._check_engine_kind(path, state)
         self.load_state_dict(state, source=str(path))  # refuses changed models or data before any loading
         saved = ParallelLayout.of_run(state["config"].get("parallel", {}), state["world_size"])
         now = ParallelLayout.of_run(self.cfg.parallel, self.world_size)
