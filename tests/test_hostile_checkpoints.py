@@ -375,3 +375,30 @@ def test_held_out_shards_of_another_tokenizer_are_refused(tmp_path, tokens):
         f"error: data.eval {other.path} was made with another tokenizer (fingerprint other-tokenizer) than the "
         f"training data {tokens / 'manifest.json'} (fingerprint test-tokenizer): its scores would be computed on "
         f"other token ids")
+
+
+def test_nan_inside_a_crc_valid_latent_shard_is_named_when_its_step_is_skipped(tmp_path, monkeypatch):
+    import data_pipeline.shards
+    from data_pipeline.testing import write_latent_dataset
+
+    rng = np.random.default_rng(0)
+    n, chunks, k, d = 16, 8, 4, 16
+    mu = rng.standard_normal((n, chunks, d)).astype(np.float32)
+    mu[5, 3, 7] = np.nan  # the shard's checksums then describe the NaN faithfully
+    with monkeypatch.context() as m:  # the writer refuses NaN: a hostile writer does not
+        m.setattr(data_pipeline.shards.np, "isfinite", lambda x: np.ones(np.shape(x), bool))
+        write_latent_dataset(tmp_path / "latents", rng.integers(3, 64, (n, chunks * k)), mu,
+                             np.full((n, chunks, d), -2.0, np.float32), k=k)
+    cfg = yaml.safe_load(_config(tmp_path / "run.yaml", tmp_path / "latents", tmp_path / "run").read_text())
+    cfg["model"].update(arch="calm", k=k, latent_dim=d, head={"num_blocks": 1, "noise_size": 8, "num_samples": 4,
+                                                            "num_target_samples": 8})
+    cfg["data"]["seq_chunks"] = chunks
+    cfg["train"].update(max_steps=8, save_every=100)  # one epoch: 8 steps of 2 samples
+    (tmp_path / "calm.yaml").write_text(yaml.safe_dump(cfg))
+    result = _train(tmp_path / "calm.yaml")
+    assert result.returncode == 0, result.stderr
+    skipped = [r for r in _metrics(tmp_path / "run") if r["skipped"]]
+    shard = next((tmp_path / "latents").glob("*.arrow"))
+    where = f"sample 5 of {tmp_path / 'latents' / 'manifest.json'} (shard {shard}, row 5)"
+    assert len(skipped) == 1 and skipped[0]["nonfinite_inputs"] == [where]
+    assert f"SKIPPED (non-finite; not finite: {where})" in result.stdout

@@ -94,7 +94,8 @@ def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[
     return ShardLoader(cfg.data.train, cfg.data.weights or None,
                        global_batch_size=t.micro_batch_size * t.grad_accum_steps * dp_world_size,
                        micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
-                       seed=cfg.data.seed, expect=data_expectations(cfg, ae), pin_memory=True)
+                       seed=cfg.data.seed, expect=data_expectations(cfg, ae), pin_memory=True,
+                       return_index=True)  # so a skipped step can name the samples that were not finite
 
 
 def held_out_blocks(cfg: RunConfig) -> list[torch.Tensor]:

@@ -136,6 +136,7 @@ class Trainer:
         self.divergence = DivergenceMonitor(cfg.train.divergence_ratio, cfg.train.divergence_warmup,
                                             cfg.train.divergence_window)
         self.tokens_seen = 0
+        self._bad_inputs: list[tuple[int, int]] = []  # this step's samples with non-finite inputs
         self.exit_reason = "running"
         # A pipeline rank holds only its stage's weights (the rest of `model` is on the meta device).
         self.device = getattr(self.engine, "device", None) or next(model.parameters()).device
@@ -147,12 +148,14 @@ class Trainer:
         lr = lr_for(self.step, cfg)
         self.model.train()
         loss_sum, extras, tokens = 0.0, {}, 0
+        self._bad_inputs = []
         if getattr(self.engine, "owns_schedule", False):  # a pipeline runs the whole window (1F1B) itself
             loss_sum, tokens, grad_norm, applied = self.engine.train_window(self.batches, lr)
             return self._count(lr, loss_sum, tokens, grad_norm, applied, extras)
         for _ in range(cfg.grad_accum_steps):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()
-                     if isinstance(v, torch.Tensor)}
+            raw = next(self.batches)
+            self._scan_inputs(raw)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in raw.items() if isinstance(v, torch.Tensor)}
             loss, extra = model_loss(self.model.config, self.engine, batch)
             self.engine.backward(loss)
             loss_sum += loss.item() / cfg.grad_accum_steps
@@ -162,6 +165,22 @@ class Trainer:
         grad_norm, applied = self.engine.step(lr)  # the norm is global: every rank decides alike
         return self._count(lr, loss_sum, tokens, grad_norm, applied, extras)
 
+    def _scan_inputs(self, batch: dict) -> None:
+        """Remember the (dataset, index) of samples whose float inputs (CALM's latents) are not finite."""
+        if "index" not in batch:
+            return
+        for key in ("mu", "log_sigma"):
+            if key in batch:
+                bad = ~torch.isfinite(batch[key]).flatten(1).all(1)
+                self._bad_inputs += [(int(batch["dataset"][i]), int(batch["index"][i])) for i in bad.nonzero()[:, 0]]
+
+    def _bad_input_names(self) -> list[str]:
+        """Every rank's non-finite samples of this step, named by shard (called on skipped steps only,
+        which every rank sees alike)."""
+        found = sorted({x for part in dist.all_gather_object(self._bad_inputs) for x in part})
+        describe = getattr(self.loader, "describe_sample", None)
+        return [describe(ds, i) if describe else f"sample {i} of dataset {ds}" for ds, i in found]
+
     def _count(self, lr, loss_sum, tokens, grad_norm, applied, extras) -> dict:
         if applied:
             self.nonfinite_in_a_row = 0
@@ -169,8 +188,11 @@ class Trainer:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
         self.step += 1
-        return {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
-                "skipped": not applied, **extras}
+        record = {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+                  "skipped": not applied, **extras}
+        if not applied:
+            record["nonfinite_inputs"] = self._bad_input_names()
+        return record
 
     def _agree(self, record: dict) -> bool:
         """One all-reduce per step: mean loss and extras over ranks, global tokens, and the stop vote."""
@@ -241,7 +263,8 @@ class Trainer:
                  f"grad_norm {r['grad_norm']:.3f} {tok_per_s:,.0f} tok/s"
                  + (f" mfu {100 * r['mfu']:.1f}%" if "mfu" in r else "")
                  + (f" acc {r['accuracy']:.4f}" if "accuracy" in r else "")
-                 + (" SKIPPED (non-finite)" if r["skipped"] else "")
+                 + (" SKIPPED (non-finite" + "".join(f"; not finite: {x}" for x in r.get("nonfinite_inputs", []))
+                    + ")" if r["skipped"] else "")
                  + (f" SUSPECT ({r['suspect']})" if r["suspect"] and not r["skipped"] else ""))
 
     # ---- divergence --------------------------------------------------------------------------
