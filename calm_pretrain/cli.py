@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-after-minutes", type=float, default=None,
                    help="save and exit with the requeue code after this wall-clock budget")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("launch", add_help=False,
+                       help="torchrun that keeps the requeue code 75 and relays SIGTERM/SIGUSR1 to the workers: "
+                       "calm-pretrain launch [torchrun options] -- train --config CONFIG")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p = sub.add_parser("export", help="consolidate a training checkpoint (any ZeRO stage) into a release directory")
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (its newest intact checkpoint)")
     p.add_argument("--out", required=True, help="release directory (config.json + model.safetensors)")
@@ -149,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # its options are torchrun's: not parsed here
+        from calm_pretrain.train.launcher import main as launch_main
+
+        try:
+            return launch_main(argv[1:])
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -158,9 +171,10 @@ def main(argv=None) -> int:
     except Exception as e:  # the errors that name a bad file or input get one line, not a traceback
         from calm_pretrain.release import ReleaseError
         from calm_pretrain.train.checkpoint import CheckpointError
+        from calm_pretrain.train.divergence import TrainingDiverged
         from data_pipeline.errors import DataError
 
-        if isinstance(e, (CheckpointError, ReleaseError, DataError)):
+        if isinstance(e, (CheckpointError, ReleaseError, DataError, TrainingDiverged)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

@@ -235,6 +235,14 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     max_nonfinite_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
+    # Divergence (calm_pretrain/train/divergence.py): a step whose loss or gradient norm is more than
+    # divergence_ratio times its running median (over the last divergence_window unsuspected steps, once
+    # divergence_warmup of them were seen) is suspect; its episode pins the last checkpoint before it,
+    # and divergence_patience suspect steps in a row stop the run. divergence_ratio=0 turns it off.
+    divergence_ratio: float = 10.0
+    divergence_warmup: int = 50
+    divergence_window: int = 100
+    divergence_patience: int = 10
     init_from: str = ""  # a release directory whose weights start the run (ignored once a checkpoint exists)
     engine: str = "auto"  # auto (DeepSpeed under torchrun/srun, plain PyTorch in one process) | torch | deepspeed
     exit_after_minutes: float = 0.0  # save and exit with the requeue code after this long (0 = never)
@@ -258,9 +266,12 @@ class TrainConfig:
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", f"must be 0..3, got {self.zero_stage}")
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every",
                      "save_every", "keep_last", "max_nonfinite_steps", "zero_bucket_elements",
-                     "zero3_max_live_parameters"):
+                     "zero3_max_live_parameters", "divergence_window", "divergence_patience"):
             _check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        _check(self.divergence_warmup >= 1, f"{p}.divergence_warmup", "must be >= 1")
+        _check(self.divergence_ratio == 0 or self.divergence_ratio > 1, f"{p}.divergence_ratio",
+               f"must be 0 (off) or > 1, got {self.divergence_ratio}")
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"{p}.min_lr",
                f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
 

@@ -350,6 +350,12 @@ class ShardLoader:
                 yield batch, ((after if done else counts), (0 if done else j + 1))
             counts, micro = after, 0
 
+    def describe_sample(self, dataset: int, index: int) -> str:
+        """Where sample `index` of blended dataset `dataset` lives: shard file and row, for messages."""
+        d = self._datasets[dataset]
+        shard, row = d.locate(np.array([index]))
+        return f"sample {index} of {d.m.path} (shard {d.m.shard_path(d.m.shards[int(shard[0])])}, row {int(row[0])})"
+
     def _to_tensors(self, arrays: dict, ds, index, epoch) -> dict:
         out = {k: torch.from_numpy(v) for k, v in arrays.items()}
         if self.return_index:

@@ -87,7 +87,9 @@ class TorchEngine:
         if not (path / "engine.pt").is_file():
             raise FileNotFoundError(f"{path}: no engine.pt; this checkpoint was written by DeepSpeed ({saved}): "
                                     "resume it under torchrun or with train.engine=deepspeed")
-        state = torch.load(path / "engine.pt", map_location="cpu", weights_only=True)
+        from calm_pretrain.train.safe_load import safe_load
+
+        state = safe_load(path / "engine.pt")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -267,10 +269,14 @@ def load_deepspeed_checkpoint(engine, path: Path, saved: ParallelLayout, now: Pa
     weight and Adam moments under its own name (DP partitions joined, TP slices merged as the saved
     model recorded), which each rank of the new layout slices again. Parameter names follow the engine:
     a pipeline's are ``<layer index>.<name in the layer>``, so a change between a pipeline and none
-    renames them on the way."""
-    if saved == now:
-        return _load(engine, path)
-    _load(engine, _universal_copy(path, model_config, saved.pipeline > 1, now.pipeline > 1), universal=True)
+    renames them on the way. DeepSpeed's own torch.load calls go through the checkpoint allow-list
+    (calm_pretrain.train.safe_load): no file is unpickled with arbitrary globals."""
+    from calm_pretrain.train.safe_load import deepspeed_loads_safely
+
+    with deepspeed_loads_safely():
+        if saved == now:
+            return _load(engine, path)
+        _load(engine, _universal_copy(path, model_config, saved.pipeline > 1, now.pipeline > 1), universal=True)
 
 
 def _load(engine, path: Path, universal: bool = False) -> None:

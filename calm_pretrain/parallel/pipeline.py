@@ -26,6 +26,7 @@ from torch import nn
 
 from calm_pretrain.config import CALMConfig, RunConfig, TransformerConfig
 from calm_pretrain.models.backbone import RotaryEmbedding
+from calm_pretrain.train.safe_load import safe_load
 
 
 def pack_targets(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
@@ -224,7 +225,7 @@ def pipeline_state_dict(engine_dir, model_config) -> dict:
             raise FileNotFoundError(f"{engine_dir}: no checkpoint file for pipeline layer {idx}")
         per_rank += [{} for _ in range(len(files) - len(per_rank))]
         for rank_state, path in zip(per_rank, files):  # model_00, model_01, ...: tensor-parallel ranks
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = safe_load(path)
             for wrapper_name, name in layer_names.items():
                 rank_state[name] = saved[wrapper_name]
     state = per_rank[0] if len(per_rank) == 1 else merge_tensor_parallel_shards(per_rank, model_config.vocab_size)

@@ -15,6 +15,12 @@ writing and rank 0 wrote the manifest; ``latest`` is replaced after that. A save
 therefore leaves a ``.partial`` directory (removed by the next save) and never touches the previous
 checkpoint. On resume the manifest is checked (sizes and checksums); a damaged checkpoint is reported
 by name and the newest intact one before it is used instead.
+
+Pruning keeps the newest ``keep_last`` *intact* checkpoints: a damaged one never counts (it is left in
+place, named in the log, and replaced when the run saves that step again), the checkpoint this run
+resumed from stays until a newer intact one exists, and a pinned checkpoint (``pinned.json``: the last
+one before a divergence, see ``divergence.py``) is never pruned. ``latest`` names only checkpoints
+that were just written or verified.
 """
 from __future__ import annotations
 
@@ -30,16 +36,15 @@ import numpy as np
 import torch
 
 from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
+from calm_pretrain.train.errors import CheckpointError
+from calm_pretrain.train.safe_load import deepspeed_loads_safely, safe_load
 from data_pipeline.files import atomic_write_bytes, fsync_dir, sha256_file
 
 CHECKPOINT_VERSION = 1
 LATEST = "latest"
+PINNED = "pinned.json"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def step_dir_name(step: int) -> str:
@@ -99,6 +104,10 @@ class Checkpointer:
                  log: Callable[[str], None] = print):
         self.root, self.keep_last = Path(root), keep_last
         self.rank, self.world_size, self.log = rank, world_size, log
+        # What this process knows of each checkpoint (name -> problem, None = intact): a checkpoint is
+        # checksummed at most once per launch, however often pruning looks at it.
+        self._problems: dict[str, Optional[str]] = {}
+        self.resumed_from: Optional[Path] = None
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, step: int, engine, trainer_state: dict) -> Path:
@@ -132,18 +141,62 @@ class Checkpointer:
             atomic_write_bytes(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
             os.replace(partial, final)
             fsync_dir(self.root)
+            self._problems[final.name] = None  # just written and checksummed
             atomic_write_bytes(self.root / LATEST, (final.name + "\n").encode())
-            self._prune()
+            self._prune(final)
             size = sum(s for s, _ in entries.values())
             self.log(f"checkpoint {final} saved ({len(entries)} files, {size / 2**20:.1f} MiB, "
                      f"{time.perf_counter() - t0:.1f}s)")
         barrier()
         return final
 
-    def _prune(self) -> None:
-        complete = self.complete_checkpoints()
-        for old in complete[: max(0, len(complete) - self.keep_last)]:
-            shutil.rmtree(old)
+    def problem(self, path: Path) -> Optional[str]:
+        """What is wrong with the checkpoint at `path` (None: intact), checksummed once per launch."""
+        if path.name not in self._problems:
+            self._problems[path.name] = verify_checkpoint(path)
+        return self._problems[path.name]
+
+    def _prune(self, newest: Path) -> None:
+        """Delete intact checkpoints beyond the newest `keep_last` intact ones, except the one just saved,
+        the one this run resumed from (until a newer intact one exists) and pinned ones. Damaged
+        checkpoints are neither counted nor deleted: counting them is how a fallback used to lose the
+        checkpoint it had fallen back to."""
+        intact, damaged = [], []
+        for path in self.complete_checkpoints():
+            (intact if self.problem(path) is None else damaged).append(path)
+        keep = set(intact[-self.keep_last:]) | {newest} | set(self.pinned())
+        resumed = self.resumed_from
+        if resumed is not None and not any(p.name > resumed.name for p in intact):
+            keep.add(resumed)
+        for path in intact:
+            if path not in keep:
+                shutil.rmtree(path)
+        for path in damaged:
+            self.log(f"WARNING: checkpoint {path} is damaged ({self.problem(path)}): not counted towards "
+                     f"train.keep_last and left in place")
+
+    # ---- pinning (divergence) ----------------------------------------------------------------
+    def pinned(self) -> list[Path]:
+        """Checkpoints that pruning never deletes (pinned.json, kept across launches)."""
+        f = self.root / PINNED
+        if not f.is_file():
+            return []
+        try:
+            return [self.root / entry["checkpoint"] for entry in json.loads(f.read_text())]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{f}: unreadable ({e}); it lists checkpoints that must not be pruned") from None
+
+    def pin(self, path: Path, reason: str) -> None:
+        """Never prune `path` (rank 0 writes; every rank may call)."""
+        if self.rank != 0 or path in self.pinned():
+            return
+        entries = [{"checkpoint": p.name} for p in self.pinned()] + [{"checkpoint": path.name, "reason": reason}]
+        atomic_write_bytes(self.root / PINNED, json.dumps(entries, indent=1).encode())
+
+    def newest_intact_before(self, step: int) -> Optional[Path]:
+        """The newest intact checkpoint of a step < `step`, or None."""
+        before = [p for p in self.complete_checkpoints() if int(p.name[5:]) < step and self.problem(p) is None]
+        return before[-1] if before else None
 
     # ---- finding -----------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
@@ -162,8 +215,13 @@ class Checkpointer:
         choice = None
         if self.rank == 0:
             choice = self._choose()
+            latest = self.root / LATEST
+            if choice and (not latest.is_file() or latest.read_text().strip() != Path(choice).name):
+                # `latest` named a damaged or deleted checkpoint: name the one actually used
+                atomic_write_bytes(latest, (Path(choice).name + "\n").encode())
         choice = broadcast_object(choice)
-        return Path(choice) if choice else None
+        self.resumed_from = Path(choice) if choice else None
+        return self.resumed_from
 
     def _choose(self) -> Optional[str]:
         candidates = list(reversed(self.complete_checkpoints()))
@@ -175,7 +233,7 @@ class Checkpointer:
                 candidates.insert(0, named)
         damaged = []
         for path in candidates:
-            problem = verify_checkpoint(path)
+            problem = self.problem(path)
             if problem is None:
                 if damaged:
                     self.log(f"WARNING: resuming from {path} instead: " + "; ".join(damaged))
@@ -190,7 +248,7 @@ class Checkpointer:
         f = path / "rng" / f"rank_{self.rank:05d}.pt"
         if not f.is_file():
             return False
-        set_rng_state(torch.load(f, weights_only=True))
+        set_rng_state(safe_load(f))
         return True
 
 
@@ -217,24 +275,28 @@ def consolidated_state_dict(path: Path) -> tuple[dict, "object"]:
     if problem:
         raise CheckpointError(f"checkpoint {path} is damaged ({problem})")
     config = model_config_from_dict(read_trainer_state(path)["config"]["model"])
+    with deepspeed_loads_safely():  # DeepSpeed's zero_to_fp32 calls torch.load itself
+        state = _engine_state_dict(path, config)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config
+
+
+def _engine_state_dict(path: Path, config) -> dict:
     engine = path / "engine"
     if (engine / "engine.pt").is_file():  # TorchEngine
-        state = torch.load(engine / "engine.pt", map_location="cpu", weights_only=True)["model"]
-    elif any(engine.glob("layer_00-*model_states.pt")):  # pipeline: one file per layer (and TP rank)
+        return safe_load(engine / "engine.pt")["model"]
+    if any(engine.glob("layer_00-*model_states.pt")):  # pipeline: one file per layer (and TP rank)
         from calm_pretrain.parallel.pipeline import pipeline_state_dict
 
-        state = pipeline_state_dict(engine, config)
-    elif (engine / "mp_rank_01_model_states.pt").is_file():  # tensor parallel: merge the ranks' shards
+        return pipeline_state_dict(engine, config)
+    if (engine / "mp_rank_01_model_states.pt").is_file():  # tensor parallel: merge the ranks' shards
         from calm_pretrain.parallel.tensor import merge_tensor_parallel_shards
 
-        shards = [torch.load(f, map_location="cpu", weights_only=False)["module"]
-                  for f in sorted(engine.glob("mp_rank_*_model_states.pt"))]
-        state = merge_tensor_parallel_shards(shards, config.vocab_size)
-    else:  # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        shards = [safe_load(f)["module"] for f in sorted(engine.glob("mp_rank_*_model_states.pt"))]
+        return merge_tensor_parallel_shards(shards, config.vocab_size)
+    # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
 
 
 def trained_model(path: Path):

@@ -7,6 +7,7 @@ Exit codes: 0 finished, REQUEUE_EXIT_CODE (75) saved on a signal or time budget,
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig, dump_config
+from calm_pretrain.config import AutoencoderConfig, CALMConfig, ConfigError, RunConfig, dump_config
 from calm_pretrain.flops import training_flops_per_token
 from calm_pretrain.models import build_model, count_parameters
 from calm_pretrain.parallel.distributed import all_gather_object, shutdown
@@ -26,6 +27,8 @@ from calm_pretrain.parallel.plan import apply_activation_checkpointing, mark_zer
 from calm_pretrain.train.callbacks import EvalCallback, TensorBoardCallback, WandbCallback
 from calm_pretrain.train.checkpoint import Checkpointer
 from calm_pretrain.train.hardware import peak_flops
+from calm_pretrain.train.launcher import WorkerSession
+from calm_pretrain.train.run_lock import lock_run_directory
 from calm_pretrain.train.signals import REQUEUE_EXIT_CODE, StopRequest
 from calm_pretrain.train.trainer import Trainer
 
@@ -62,6 +65,26 @@ def data_expectations(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> d
     return {"sample_tokens": cfg.data.seq_chunks}
 
 
+def check_data(cfg: RunConfig) -> None:
+    """What can be checked before anything is built: training shards are given, and held-out shards
+    (data.eval) were made with the training data's tokenizer (else eval/brierlm scores other ids)."""
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training shards given (a list of shard directories)")
+    if not cfg.data.eval:
+        return
+    from data_pipeline.errors import IncompatibleDataError
+    from data_pipeline.manifest import load_manifest
+
+    train = load_manifest(cfg.data.train[0])
+    for path in [cfg.data.eval] if isinstance(cfg.data.eval, str) else cfg.data.eval:
+        held_out = load_manifest(path)
+        if held_out.tokenizer_fingerprint != train.tokenizer_fingerprint:
+            raise IncompatibleDataError(
+                f"data.eval {held_out.path} was made with another tokenizer (fingerprint "
+                f"{held_out.tokenizer_fingerprint}) than the training data {train.path} (fingerprint "
+                f"{train.tokenizer_fingerprint}): its scores would be computed on other token ids")
+
+
 def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[torch.nn.Module] = None):
     from data_pipeline.loader import ShardLoader
 
@@ -71,7 +94,8 @@ def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[
     return ShardLoader(cfg.data.train, cfg.data.weights or None,
                        global_batch_size=t.micro_batch_size * t.grad_accum_steps * dp_world_size,
                        micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
-                       seed=cfg.data.seed, expect=data_expectations(cfg, ae), pin_memory=True)
+                       seed=cfg.data.seed, expect=data_expectations(cfg, ae), pin_memory=True,
+                       return_index=True)  # so a skipped step can name the samples that were not finite
 
 
 def held_out_blocks(cfg: RunConfig) -> list[torch.Tensor]:
@@ -132,33 +156,41 @@ def _layout(cfg: RunConfig, rank: int, world_size: int):
 def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
     # Installed first: a preemption signal during start-up is then honoured at the first step boundary.
     stop = StopRequest(cfg.train.exit_after_minutes, log=log)
+    session = WorkerSession(stop, log)  # under torchrun: stop when it is gone; report the exit code
+    code = 1
     try:
-        return _run(cfg, stop, log)
+        with contextlib.ExitStack() as cleanup:  # releases the run directory's lock
+            code = _run(cfg, stop, log, cleanup)
+        return code
     finally:
+        session.close(code)  # before anything else: torchrun may SIGTERM this rank once a sibling exited
         stop.close()
         shutdown()
 
 
-def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
+def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup: contextlib.ExitStack) -> int:
     rank, world_size = init_distributed(cfg.train.dist_timeout_minutes)
     use_deepspeed = cfg.train.engine == "deepspeed" or (cfg.train.engine == "auto" and "RANK" in os.environ)
     if world_size > 1 and not use_deepspeed:
-        raise ValueError("train.engine=torch runs in one process only; launch without torchrun or use deepspeed")
+        raise ConfigError("train.engine=torch runs in one process only; launch without torchrun or use deepspeed")
+    if use_deepspeed and "RANK" not in os.environ:  # DeepSpeed would look for MPI (mpi4py) to find its ranks
+        raise ConfigError("train.engine=deepspeed needs ranks from a launcher: run it under torchrun "
+                          "(calm-pretrain launch --standalone --nproc-per-node N -- train ...) or srun")
     device = _device()
     coords, topology = _layout(cfg, rank, world_size)
     out = Path(cfg.train.output_dir)
     say = log if rank == 0 else (lambda s: None)
+    # Before anything is written there: a second run into a live run's directory is refused.
+    lock = lock_run_directory(out, rank, say)
+    if lock is not None:
+        cleanup.callback(lock.release)
 
     # One line per rank: who it is, where it runs, and which groups it belongs to.
     line = (f"rank {rank}/{world_size} host {socket.gethostname()} pid {os.getpid()} device {device} "
             f"local_rank {os.environ.get('LOCAL_RANK', 0)} {coords.describe()}")
     print(line, flush=True)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
     ranks = all_gather_object(line)
-    if rank == 0:
-        (out / "ranks.txt").write_text("\n".join(ranks) + "\n")
+    check_data(cfg)  # before the model is built
 
     ae = load_frozen_autoencoder(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -219,6 +251,9 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None]) -> int:
                       stop=stop, rank=rank, world_size=world_size, flops_per_token=flops, peak_flops=peak)
     try:
         trainer.resume()
+        if rank == 0:  # only now: a refused resume leaves the run's record of itself as it was
+            (out / "config.yaml").write_text(dump_config(cfg))
+            (out / "ranks.txt").write_text("\n".join(ranks) + "\n")
         if trainer.step >= cfg.train.max_steps:
             say(f"[{cfg.name}] already trained to step {trainer.step} (train.max_steps={cfg.train.max_steps})")
             return 0

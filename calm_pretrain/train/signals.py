@@ -32,6 +32,11 @@ class StopRequest:
             self.log(f"received {self.reason}: saving a checkpoint at the next step boundary, then exiting "
                      f"with code {REQUEUE_EXIT_CODE} (requeue)")
 
+    def request(self, reason: str) -> None:
+        """A stop asked for by the program itself (the launcher is gone): as if a signal had arrived."""
+        if self.reason is None:
+            self.reason = reason
+
     def requested(self) -> bool:
         """This rank's view: a signal arrived or the time budget is spent."""
         if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:

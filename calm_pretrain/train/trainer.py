@@ -8,6 +8,7 @@ the trainer's own (step, counters) goes into ``trainer_state.json`` together wit
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
 from calm_pretrain.parallel.groups import ParallelLayout
 from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, read_trainer_state
+from calm_pretrain.train.divergence import DivergenceMonitor, TrainingDiverged
 from calm_pretrain.train.schedule import lr_for
 from calm_pretrain.train.signals import StopRequest
 
@@ -69,8 +71,10 @@ class Callback:
 class JSONLMetrics(Callback):
     """One JSON object per logged step (rank 0); the source of truth for tests and sweeps.
 
-    On resume, records of steps after the checkpoint (computed again) are dropped first, so the file
-    holds each step once, as if the run had never stopped.
+    On resume, records of steps after the checkpoint (computed again) are dropped first, and a fresh
+    start (no checkpoint) drops every record of a run killed before its first save: the file holds each
+    step once, as if the run had never stopped. Non-finite numbers are written as null (valid JSON;
+    bare NaN is not).
     """
 
     def __init__(self, path: Path, rank: int = 0):
@@ -94,8 +98,9 @@ class JSONLMetrics(Callback):
     def on_log(self, trainer, record: dict) -> None:
         if self.rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -125,7 +130,13 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.suspect_in_a_row = self.calm_in_a_row = 0
+        self.first_suspect_step: Optional[int] = None  # of the current episode of suspect steps
+        self.last_good_checkpoint: Optional[Path] = None  # pinned at that step
+        self.divergence = DivergenceMonitor(cfg.train.divergence_ratio, cfg.train.divergence_warmup,
+                                            cfg.train.divergence_window)
         self.tokens_seen = 0
+        self._bad_inputs: list[tuple[int, int]] = []  # this step's samples with non-finite inputs
         self.exit_reason = "running"
         # A pipeline rank holds only its stage's weights (the rest of `model` is on the meta device).
         self.device = getattr(self.engine, "device", None) or next(model.parameters()).device
@@ -137,12 +148,14 @@ class Trainer:
         lr = lr_for(self.step, cfg)
         self.model.train()
         loss_sum, extras, tokens = 0.0, {}, 0
+        self._bad_inputs = []
         if getattr(self.engine, "owns_schedule", False):  # a pipeline runs the whole window (1F1B) itself
             loss_sum, tokens, grad_norm, applied = self.engine.train_window(self.batches, lr)
             return self._count(lr, loss_sum, tokens, grad_norm, applied, extras)
         for _ in range(cfg.grad_accum_steps):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()
-                     if isinstance(v, torch.Tensor)}
+            raw = next(self.batches)
+            self._scan_inputs(raw)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in raw.items() if isinstance(v, torch.Tensor)}
             loss, extra = model_loss(self.model.config, self.engine, batch)
             self.engine.backward(loss)
             loss_sum += loss.item() / cfg.grad_accum_steps
@@ -152,6 +165,22 @@ class Trainer:
         grad_norm, applied = self.engine.step(lr)  # the norm is global: every rank decides alike
         return self._count(lr, loss_sum, tokens, grad_norm, applied, extras)
 
+    def _scan_inputs(self, batch: dict) -> None:
+        """Remember the (dataset, index) of samples whose float inputs (CALM's latents) are not finite."""
+        if "index" not in batch:
+            return
+        for key in ("mu", "log_sigma"):
+            if key in batch:
+                bad = ~torch.isfinite(batch[key]).flatten(1).all(1)
+                self._bad_inputs += [(int(batch["dataset"][i]), int(batch["index"][i])) for i in bad.nonzero()[:, 0]]
+
+    def _bad_input_names(self) -> list[str]:
+        """Every rank's non-finite samples of this step, named by shard (called on skipped steps only,
+        which every rank sees alike)."""
+        found = sorted({x for part in dist.all_gather_object(self._bad_inputs) for x in part})
+        describe = getattr(self.loader, "describe_sample", None)
+        return [describe(ds, i) if describe else f"sample {i} of dataset {ds}" for ds, i in found]
+
     def _count(self, lr, loss_sum, tokens, grad_norm, applied, extras) -> dict:
         if applied:
             self.nonfinite_in_a_row = 0
@@ -159,8 +188,11 @@ class Trainer:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
         self.step += 1
-        return {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
-                "skipped": not applied, **extras}
+        record = {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+                  "skipped": not applied, **extras}
+        if not applied:
+            record["nonfinite_inputs"] = self._bad_input_names()
+        return record
 
     def _agree(self, record: dict) -> bool:
         """One all-reduce per step: mean loss and extras over ranks, global tokens, and the stop vote."""
@@ -191,6 +223,7 @@ class Trainer:
             if self.flops_per_token and self.peak_flops:
                 record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world_size)
             record["memory_gb"] = peak_memory_gb(self.device)
+            self._judge(record)
             record["nonfinite_total"] = self.nonfinite_total
             if hasattr(self.loader, "consumed_samples"):
                 record["consumed_samples"] = self.loader.consumed_samples
@@ -198,15 +231,22 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, record)
             evaluated = any(k.startswith("eval/") for k in record)
-            if self.step % cfg.log_every == 0 or self.step == max_steps or stop or record["skipped"] or evaluated:
+            if (self.step % cfg.log_every == 0 or self.step == max_steps or stop or record["skipped"] or evaluated
+                    or record["suspect"]):
                 for cb in self.callbacks:
                     cb.on_log(self, record)
                 self._print(record, max_steps, (self.tokens_seen - start_tokens) / (time.perf_counter() - start))
             if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 self.exit_reason = "nonfinite"
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step} (train.max_nonfinite_steps="
-                    f"{cfg.max_nonfinite_steps}); the last good checkpoint is kept unchanged")
+                    f"{cfg.max_nonfinite_steps}); {self._last_good_message()}")
+            if self.suspect_in_a_row >= cfg.divergence_patience:
+                self.exit_reason = "diverged"
+                raise TrainingDiverged(
+                    f"training diverged: {self.suspect_in_a_row} suspect steps in a row at step {self.step} "
+                    f"(train.divergence_patience={cfg.divergence_patience}; {record['suspect']}); "
+                    f"{self._last_good_message()}")
             if self.checkpointer and (stop or self.step % cfg.save_every == 0 or self.step == max_steps):
                 self.save_checkpoint()
             if stop:
@@ -223,11 +263,57 @@ class Trainer:
                  f"grad_norm {r['grad_norm']:.3f} {tok_per_s:,.0f} tok/s"
                  + (f" mfu {100 * r['mfu']:.1f}%" if "mfu" in r else "")
                  + (f" acc {r['accuracy']:.4f}" if "accuracy" in r else "")
-                 + (" SKIPPED (non-finite)" if r["skipped"] else ""))
+                 + (" SKIPPED (non-finite" + "".join(f"; not finite: {x}" for x in r.get("nonfinite_inputs", []))
+                    + ")" if r["skipped"] else "")
+                 + (f" SUSPECT ({r['suspect']})" if r["suspect"] and not r["skipped"] else ""))
+
+    # ---- divergence --------------------------------------------------------------------------
+    def _judge(self, record: dict) -> None:
+        """Mark a suspect step (record["suspect"]: why, or ""). The first of an episode pins the
+        last checkpoint before it. Loss and norm are agreed over ranks: every rank judges alike."""
+        reason = self.divergence.check(record["loss"], record["grad_norm"])
+        record["suspect"] = reason or ""
+        if reason is None:  # finite and unsuspected
+            self.suspect_in_a_row = 0
+            self.calm_in_a_row += 1
+            if self.calm_in_a_row >= self.cfg.train.divergence_patience:
+                self.first_suspect_step = self.last_good_checkpoint = None  # the episode is over
+            return
+        self.calm_in_a_row = 0
+        if not record["skipped"]:  # non-finite steps are counted by nonfinite_in_a_row
+            self.suspect_in_a_row += 1
+        if self.first_suspect_step is None:
+            self.first_suspect_step = self.step
+            self.last_good_checkpoint = self._pin_last_good(self.step)
+            self.log(f"WARNING: step {self.step} is suspect ({reason}); {self._last_good_message()}")
+
+    def _pin_last_good(self, step: int) -> Optional[Path]:
+        """Pin the newest intact checkpoint from before step - 1: step's loss and gradient were
+        computed on the weights after update step - 1, so checkpoint step - 1 already holds them."""
+        if self.checkpointer is None:
+            return None
+        name = None
+        if self.rank == 0:
+            good = self.checkpointer.newest_intact_before(step - 1)
+            if good is not None:
+                self.checkpointer.pin(good, f"last checkpoint before the suspect step {step}")
+                name = str(good)
+        name = dist.broadcast_object(name)
+        return Path(name) if name else None
+
+    def _last_good_message(self) -> str:
+        t = self.first_suspect_step
+        if self.last_good_checkpoint is None:
+            return f"no checkpoint was saved before the first suspect step {t}"
+        return (f"the newest checkpoint before the first suspect step {t} is {self.last_good_checkpoint}, "
+                f"kept (pinned in {self.checkpointer.root / 'pinned.json'}: never pruned); later "
+                f"checkpoints may hold diverged weights")
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "tokens_seen": self.tokens_seen,
+                 "divergence": {**self.divergence.state_dict(), "first_suspect_step": self.first_suspect_step,
+                                "last_good_checkpoint": str(self.last_good_checkpoint or "")},
                  "model_signature": model_signature(self.model), "config": self.cfg.to_dict()}
         if hasattr(self.loader, "state_dict"):
             state["loader"] = self.loader.state_dict()
@@ -258,9 +344,30 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.tokens_seen = state.get("tokens_seen", 0)
+        divergence = state.get("divergence", {})
+        self.divergence.load_state_dict(divergence)
+        self.first_suspect_step = divergence.get("first_suspect_step")  # an open episode goes on
+        self.last_good_checkpoint = Path(divergence["last_good_checkpoint"]) \
+            if divergence.get("last_good_checkpoint") else None
 
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(self.step, self.engine, self.state_dict())
+
+    def _check_engine_kind(self, path: Path, state: dict) -> None:
+        """A plain-PyTorch checkpoint (engine.pt) and a DeepSpeed one are not interchangeable: say what to
+        launch instead of failing inside the engine's loader."""
+        plain_checkpoint = (path / "engine" / "engine.pt").is_file()
+        plain_run = isinstance(self.engine, TorchEngine)
+        if plain_checkpoint and not plain_run:
+            raise CheckpointError(
+                f"{path}: written by one plain-PyTorch process (engine/engine.pt), but this run uses DeepSpeed "
+                f"({self.world_size} processes): resume it in one process without torchrun (train.engine=torch), "
+                f"or export it (calm-pretrain export) and start a DeepSpeed run with train.init_from=<release>")
+        if not plain_checkpoint and plain_run:
+            raise CheckpointError(
+                f"{path}: written by DeepSpeed (world size {state.get('world_size', '?')}), but this run is one "
+                f"plain-PyTorch process: launch it under torchrun (calm-pretrain launch --standalone --nproc-per-node N "
+                f"-- train ...; another N is converted) or srun")
 
     def resume(self) -> Optional[Path]:
         """Continue from the newest intact checkpoint, if there is one; returns its path."""
@@ -268,8 +375,10 @@ class Trainer:
             return None
         path = self.checkpointer.find_resumable()
         if path is None:
+            self.metrics.truncate_after(0)  # the rows of a run killed before its first checkpoint
             return None
         state = read_trainer_state(path)
+        self._check_engine_kind(path, state)
         self.load_state_dict(state, source=str(path))  # refuses changed models or data before any loading
         saved = ParallelLayout.of_run(state["config"].get("parallel", {}), state["world_size"])
         now = ParallelLayout.of_run(self.cfg.parallel, self.world_size)

@@ -1,0 +1,62 @@
+"""Divergence: a step whose loss or gradient norm spikes far above its running median is suspect.
+
+Non-finite values are only the end of a divergence: before them come finite but enormous updates
+(a too-high learning rate, a bad batch), and every checkpoint saved after them holds broken weights.
+So each step's loss and (pre-clipping) gradient norm are compared with the running median of the last
+``train.divergence_window`` unsuspected steps, after ``train.divergence_warmup`` of them:
+
+    suspect  if  value > median + (ratio - 1) * |median|      (ratio = train.divergence_ratio)
+
+which is ``value > ratio * median`` for positive values and still means "far above" for a negative
+loss (CALM's energy loss can be negative). A median, not a mean: one spike does not move it, so a
+divergence cannot drag the reference up behind itself. Suspect and non-finite steps never enter the
+window. ``train.divergence_ratio: 0`` turns the check off.
+
+What the trainer does with it (``Trainer``): the first suspect step of an episode pins the newest intact
+checkpoint whose weights produced an unsuspected step (never pruned), the stop message names it, and
+``train.divergence_patience`` suspect steps in a row stop the run. An episode ends only after as many
+unsuspected steps in a row: a diverged model often looks calm for a few steps (saturated to a uniform
+output, zero gradients) before its norms turn non-finite, and a new episode then must not pin a
+checkpoint written in that calm.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from typing import Optional
+
+
+class TrainingDiverged(FloatingPointError):
+    """The run stopped on non-finite or suspect steps; the message names the checkpoint to go back to."""
+
+
+class DivergenceMonitor:
+    def __init__(self, ratio: float = 10.0, warmup: int = 50, window: int = 100):
+        self.ratio, self.warmup = ratio, warmup
+        self.history = {"loss": deque(maxlen=window), "grad_norm": deque(maxlen=window)}
+
+    def check(self, loss: float, grad_norm: float) -> Optional[str]:
+        """Why this step is suspect (None: it is not, and it joins the running window)."""
+        values = {"loss": loss, "grad_norm": grad_norm}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                return f"{name} is {value}"
+        if self.ratio > 0 and len(self.history["loss"]) >= self.warmup:
+            for name, value in values.items():
+                median = statistics.median(self.history[name])
+                if value > median + (self.ratio - 1) * abs(median):
+                    return (f"{name} {value:.4g} is more than train.divergence_ratio={self.ratio:g} times its "
+                            f"running median {median:.4g}")
+        for name, value in values.items():
+            self.history[name].append(value)
+        return None
+
+    # Kept in trainer_state.json, so a resumed run judges its first steps against the same median.
+    def state_dict(self) -> dict:
+        return {name: list(values) for name, values in self.history.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, values in self.history.items():
+            values.clear()
+            values.extend(state.get(name, []))
