@@ -289,8 +289,8 @@ def make_plan(sweep_path: str | os.PathLike, out: str | os.PathLike, *, force: b
                 if int(sample_tokens) % k:
                     raise SweepError(f"{sweep_path}: data.sample_tokens = {sample_tokens} is not a multiple of K = {k}")
                 extra.append(f"data.seq_chunks={int(sample_tokens) // k}")
-            if eval_dir and (ae_path or not isinstance(m, CALMConfig)):  # a CALM is scored with its AE:
-                extra.append(f"data.eval={json.dumps(eval_dir)}")          # without one, by the eval stage
+            if eval_dir and (getattr(m, "ae_path", None) or not isinstance(m, CALMConfig)):  # a CALM run
+                extra.append(f"data.eval={json.dumps(eval_dir)}")  # scores with its AE; without, the eval stage
             label = "-".join(_label(key, v) for key, v in values.items())
             prefix = m.arch if "size" in values else probe.name  # a size grid: the base's size name would mislead
             name = f"{prefix}-{label}" if label else prefix
