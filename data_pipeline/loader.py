@@ -257,6 +257,15 @@ class ShardLoader:
         self._queue: Optional[queue.Queue] = None
         self._stop = threading.Event()
 
+    @property
+    def data_sources(self) -> dict:
+        """What made the shards (the same for every blended dataset, check_same_kind): the tokenizer's and,
+        for latents, the autoencoder's fingerprint. Checkpoints record it, so that a release is refused an
+        autoencoder or tokenizer the model was not trained with."""
+        m = self.manifests[0]
+        return {"kind": m.kind, "tokenizer_fingerprint": m.tokenizer_fingerprint, "tokenizer_spec": m.tokenizer.get("spec"),
+                "ae_fingerprint": m.ae_fingerprint, "k": m.k, "latent_dim": m.latent_dim}
+
     # ---- position --------------------------------------------------------------------------
     @property
     def consumed_samples(self) -> int:

@@ -31,7 +31,8 @@ Modules: ``layout`` (file names, config.json mapping), ``names`` (parameter name
 from calm_pretrain.release.layout import (  # noqa: F401
     AE_PREFIX, AE_TIED, ARCH_AE, ARCH_CALM, ARCH_CALM_OTHER_HEAD, ARCH_LLAMA, BIN_INDEX, BIN_WEIGHTS, CONFIG_NAME,
     GENERATION_CONFIG, HEAD_ALIAS_PREFIX, HEAD_PREFIX, KNOWN_ARCHITECTURES, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
-    SIDECAR_VERSION, TRANSFORMERS_VERSION, ReleaseError, architecture_of, model_config_from_release, release_config)
+    SIDECAR_VERSION, TRANSFORMERS_VERSION, ReleaseError, ReleaseWarning, architecture_of,
+    model_config_from_release, release_config)
 from calm_pretrain.release.names import (check_tensors, expected_shapes, from_release_name, release_state,  # noqa: F401
                                          split_release_state, to_release_name)
 from calm_pretrain.release.files import read_release_tensors, weight_files  # noqa: F401

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from calm_pretrain.config import AutoencoderConfig, CALMConfig
-from calm_pretrain.release.directory import _atomic_directory
+from calm_pretrain.release.directory import _atomic_directory, check_replacement, clean_stale_temporaries
+from calm_pretrain.release.fingerprint import FINGERPRINT_KEY, make_record
 from calm_pretrain.release.layout import (ARCH_AE, CONFIG_NAME, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
                                           SIDECAR_VERSION, ReleaseError, _dtype_of, _generation_config,
                                           architecture_of, release_config)
@@ -108,13 +109,17 @@ def save_tokenizer_files(tokenizer, directory: Path) -> None:
 def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_config, out_dir: str | os.PathLike,
                       tokenizer=None, *, ae_state_dict: Optional[Mapping[str, torch.Tensor]] = None,
                       ae_config: Optional[AutoencoderConfig] = None, dtype: Optional[torch.dtype] = None,
-                      max_shard_bytes: Optional[int] = None) -> Path:
+                      max_shard_bytes: Optional[int] = None, source: Optional[dict] = None,
+                      overwrite: bool = False) -> Path:
     """Write a release of a consolidated state dict {our parameter name: tensor} with our model config.
 
     For a CALM model, ``ae_state_dict`` + ``ae_config`` embed the frozen autoencoder under ``ae_model.*``
     (as the reference pipeline does). ``dtype`` casts floating tensors (default: keep; the published
     checkpoints are fp32). ``max_shard_bytes`` splits the weights into several safetensors files with an
-    index. The directory appears complete or not at all; an existing release there is replaced.
+    index. ``source`` (what was exported: checkpoint, step, run and data fingerprints) is recorded in the
+    sidecar. The directory appears complete or not at all, with a fingerprint of its config and weights.
+    An existing release there is replaced only if it is of the same model, and then only with
+    ``overwrite`` unless it came from the very same checkpoint (``directory.check_replacement``).
     """
     cfg = model_config
     arch = architecture_of(cfg)
@@ -137,24 +142,31 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_config, out_
         _fill_ae_tie(ae_state, f"{where} (autoencoder)")
         check_tensors(ae_state, expected_shapes(ae_config), f"{where}: autoencoder state dict vs its config")
     tensors = _separate_tensors(release_state(cfg, state, ae_state), dtype)
+    config_values = release_config(cfg, _dtype_of(tensors))
     sidecar: dict[str, Any] = {"calm_pretrain_release": SIDECAR_VERSION, "architecture": arch,
                                "model": dataclasses.asdict(cfg)}
     if ae_state is not None:
         sidecar["ae_model"] = dataclasses.asdict(ae_config)
+    if source is not None:
+        sidecar["source"] = source
+    clean_stale_temporaries(out_dir)  # first: it may put back a release that a killed export had set aside
+    check_replacement(out_dir, arch, config_values, sidecar["model"], source, overwrite)
     with _atomic_directory(out_dir) as tmp:
-        _write_json(tmp / CONFIG_NAME, release_config(cfg, _dtype_of(tensors)))
-        _write_json(tmp / SIDECAR_NAME, sidecar)
+        _write_json(tmp / CONFIG_NAME, config_values)
         if arch != ARCH_AE:
             _write_json(tmp / GENERATION_CONFIG, _generation_config(cfg))
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)
-        _write_safetensors(tmp, tensors, max_shard_bytes)
+        weights = _write_safetensors(tmp, tensors, max_shard_bytes)
+        # Written last: the fingerprint covers config.json, the rest of this file and every weight file.
+        sidecar[FINGERPRINT_KEY] = make_record(tmp, config_values, sidecar, weights)
+        _write_json(tmp / SIDECAR_NAME, sidecar)
     return out_dir
 
 
 def export_release(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *,
                    ae_model: Optional[nn.Module] = None, dtype: Optional[torch.dtype] = None,
-                   max_shard_bytes: Optional[int] = None) -> Path:
+                   max_shard_bytes: Optional[int] = None, overwrite: bool = False) -> Path:
     """Write `model` (our Autoencoder, CALM or TransformerLM) as a release directory.
 
     The autoencoder is its own release (``export_release(ae, dir)``); ``ae_model`` additionally embeds
@@ -164,5 +176,6 @@ def export_release(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     if ae_model is not None:
         ae_state, ae_cfg = ae_model.state_dict(), ae_model.config
     return export_state_dict(model.state_dict(), model.config, out_dir, tokenizer, ae_state_dict=ae_state,
-                             ae_config=ae_cfg, dtype=dtype, max_shard_bytes=max_shard_bytes)
+                             ae_config=ae_cfg, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                             overwrite=overwrite)
 

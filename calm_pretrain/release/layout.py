@@ -39,6 +39,11 @@ class ReleaseError(ValueError):
     """A release directory that cannot be written or read; the message names the file."""
 
 
+class ReleaseWarning(UserWarning):
+    """Something a user should know about a release that still loads or exports (unverified, unknown
+    config fields, a fallback to an older checkpoint, stale temporary directories removed)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Config mapping: our dataclasses ↔ the reference config.json
 # --------------------------------------------------------------------------------------------
@@ -75,6 +80,23 @@ _CALM_FIELDS = [("patch_size", "k"), ("latent_size", "latent_dim"), ("ae_path", 
 _HEAD_FIELDS = [("noise_size", "noise_size"), ("num_mlp_layers", "num_blocks"), ("num_samples", "num_samples"),
                 ("beta", "alpha")]
 _CALM_REQUIRED = _BACKBONE_REQUIRED + ("patch_size", "latent_size", "noise_size", "num_mlp_layers")
+
+
+# Keys HF tooling writes that describe the file, not the computation; never reported as unknown.
+_HF_BOOKKEEPING = ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+                   "auto_map", "head_dim", "rope_parameters")
+
+
+def known_config_keys(arch: str) -> set[str]:
+    """The config.json keys a release of `arch` may carry; any other key is ignored by every loader
+    of ours, so a setting put there would silently have no effect."""
+    keys = set(_HF_BOOKKEEPING)
+    if arch == ARCH_AE:
+        return keys | {k for k, _ in _AE_FIELDS} | set(_AE_CONSTANTS)
+    keys |= {k for k, _ in _BACKBONE_FIELDS} | set(_LLAMA_CONSTANTS)
+    if arch != ARCH_LLAMA:
+        keys |= {k for k, _ in _CALM_FIELDS + _HEAD_FIELDS}
+    return keys
 
 
 def _dtype_of(state: Mapping[str, torch.Tensor]) -> torch.dtype:

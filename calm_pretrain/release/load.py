@@ -13,7 +13,9 @@ from calm_pretrain.config import AutoencoderConfig, CALMConfig, ConfigError, mod
 from calm_pretrain.release.files import _read_config, read_release_tensors, weight_files
 from calm_pretrain.release.layout import (AE_PREFIX, AE_TIED, ARCH_AE, CONFIG_NAME, SIDECAR_NAME, ReleaseError,
                                           _DTYPE_NAMES, _detect_architecture, _dtype_of, model_config_from_release)
+from calm_pretrain.release.fingerprint import describe_mismatch
 from calm_pretrain.release.names import check_tensors, expected_shapes, split_release_state
+from calm_pretrain.release.verify import verified_load, verify_release
 
 
 def _target_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -54,10 +56,13 @@ def import_release(path: str | os.PathLike, *, device: str | torch.device = "cpu
     keep the file's dtype unless `dtype` is given. A CALM release's embedded autoencoder (``ae_model.*``)
     is read by :func:`import_release_ae`.
     """
-    d, values, _, _, arch, cfg = _describe_config(path)
-    tensors, source = read_release_tensors(d)
-    state, _ = split_release_state(arch, tensors, source, bool(values.get("tie_word_embeddings")))
-    return _load_into(cfg, state, source, arch, device, dtype), cfg
+    d, values, sidecar, _, arch, cfg = _describe_config(path)
+
+    def load():
+        tensors, source = read_release_tensors(d)
+        state, _ = split_release_state(arch, tensors, source, bool(values.get("tie_word_embeddings")))
+        return _load_into(cfg, state, source, arch, device, dtype)
+    return verified_load(d, values, sidecar, arch, load), cfg
 
 
 def _infer_ae_config(state: Mapping[str, torch.Tensor], calm_cfg: CALMConfig, where: str) -> AutoencoderConfig:
@@ -95,7 +100,7 @@ def import_release_ae(path: str | os.PathLike, *, device: str | torch.device = "
         return import_release(d, device=device, dtype=dtype)
     if not isinstance(cfg, CALMConfig):
         raise ReleaseError(f"{cfg_path}: a {arch} release holds no autoencoder")
-    tensors, source = read_release_tensors(d)
+    tensors, source = verified_load(d, values, sidecar, arch, lambda: read_release_tensors(d))
     _, ae_state = split_release_state(arch, tensors, source)
     if ae_state is None:
         hint = f"; its ae_path is {cfg.ae_path!r}" if cfg.ae_path else ""
@@ -118,7 +123,8 @@ def import_release_ae(path: str | os.PathLike, *, device: str | torch.device = "
 
 def release_info(path: str | os.PathLike) -> dict:
     """What a release holds, without loading its weights (safetensors headers only): architecture,
-    config.json, our config, weight files, unique parameter counts, and whether names and shapes match."""
+    config.json, our config, weight files, unique parameter counts, whether names and shapes match, and
+    whether config.json and the weights are the ones exported (fingerprint; the weight files are hashed)."""
     from calm_pretrain.models import count_config_parameters
 
     d, values, sidecar, cfg_path, arch, cfg = _describe_config(path)
@@ -139,8 +145,13 @@ def release_info(path: str | os.PathLike) -> dict:
         check_tensors(state, expected_shapes(cfg), source, arch)
         if ae_state is not None:  # both tied names are present after the split; the pair counts once
             info["embedded_ae_parameters"] = sum(t.numel() for k, t in ae_state.items() if k != AE_TIED[1])
-        info["consistent"] = True
+        info["shapes_match"] = True
     except ReleaseError as e:
-        info["consistent"] = False
+        info["shapes_match"] = False
         info["problem"] = str(e)
+    fp = info["fingerprint"] = verify_release(d, values, sidecar, arch, warn=False)
+    if fp["status"] == "mismatch":
+        fp["message"] = describe_mismatch(d, fp["problems"])
+    info["source"] = (sidecar or {}).get("source")
+    info["consistent"] = info["shapes_match"] and fp["status"] != "mismatch"
     return info
