@@ -199,7 +199,7 @@ def test_an_edited_release_config_is_refused_naming_the_fields(world, tmp_path, 
     ae = tmp_path / "ae"
     shutil.copytree(world / "ae", ae)
     _edit(ae / "config.json", rms_norm_eps=1e-2)
-    with pytest.raises(DataError, match=r"ae: differs from what was exported .*config.json rms_norm_eps: 1e-06 -> 0.01"):
+    with pytest.raises(DataError, match=r"ae: differs from what was exported .*config.json rms_norm_eps: 1e-06 -> 0\.01"):
         load_autoencoder(ae)  # what calm-data encode and the trainer load
     weights = ae / "model.safetensors"
     shutil.copy(world / "other_ae" / "model.safetensors", weights)  # same names and shapes, other weights
@@ -219,7 +219,8 @@ def test_an_edited_release_config_is_refused_naming_the_fields(world, tmp_path, 
     assert any("field(s) sliding_window are not read by calm_pretrain" in m for m in messages)
     assert cli_main(["release-info", str(published)]) == 0
     out = capsys.readouterr().out
-    assert "unverified (no fingerprint recorded" in out and "not read by calm_pretrain (no effect): sliding_window" in out
+    assert "unverified (no fingerprint recorded" in out
+    assert "not read by calm_pretrain (no effect): sliding_window" in out
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,3 +267,143 @@ def test_a_killed_export_leaves_no_temporary_directory_behind_the_next_export(wo
     assert "restored the previous release from .ae.old-" in messages and "removed .ae.tmp-" in messages
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ae"]
     assert _files(out)["model.safetensors"] == (world / "ae" / "model.safetensors").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Unclear errors made clear: configs and the data pipeline
+# --------------------------------------------------------------------------------------------
+def test_an_empty_or_model_less_config_is_refused_instead_of_training_calm_m(tmp_path, capsys):
+    for name, text in (("empty.yaml", ""), ("no_model.yaml", f"train:\n  output_dir: {tmp_path / 'run'}\n")):
+        (tmp_path / name).write_text(text)
+        assert cli_main(["train", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"config error: {tmp_path / name}: model.arch: missing" in err
+        assert "autoencoder | calm | transformer" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_edited_manifest_k_or_latent_dim_is_one_clear_error_and_verify_reports_it(world, tmp_path, capsys):
+    from data_pipeline.cli import main as data_main
+
+    latents = tmp_path / "latents"
+    shutil.copytree(world / "latents", latents)
+    manifest = json.loads((latents / "manifest.json").read_text())
+    manifest["latent"]["latent_dim"] = 32
+    (latents / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tmp_path / "calm.yaml"
+    cfg.write_text((REPO / "configs/tiny/calm.yaml").read_text())
+    assert cli_main(["train", "--config", str(cfg), *CALM_SMALL, "model.latent_dim=32", f"data.train=[{latents}]",
+                     f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{latents / 'manifest.json'}: does not match its shard" in err
+    assert "latent.latent_dim = 32 in the manifest, 16 in the shard" in err and "Traceback" not in err
+
+    manifest["latent"]["latent_dim"], manifest["k"] = 16, 8
+    (latents / "manifest.json").write_text(json.dumps(manifest))
+    assert data_main(["verify", str(latents)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED latents-00000.arrow: does not match the manifest (k = 8 in the manifest, 4 in the shard)" in out
+
+
+def test_a_model_vocabulary_smaller_than_the_shards_ids_is_refused_at_start_up(world, tmp_path, capsys):
+    cfg = tmp_path / "calm.yaml"
+    cfg.write_text((REPO / "configs/tiny/calm.yaml").read_text())
+    assert cli_main(["train", "--config", str(cfg), *CALM_SMALL, "model.vocab_size=40",
+                     f"data.train=[{world / 'latents'}]", f"train.output_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"{world / 'latents' / 'manifest.json'}: the shards hold token ids up to 63" in err
+    assert "model's vocabulary has 40 entries" in err and "IndexError" not in err
+
+
+def test_a_mistyped_local_path_or_tokenizer_directory_is_reported_missing(world, tmp_path, capsys):
+    import time
+
+    from data_pipeline.cli import main as data_main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the release layout\n")
+    t0 = time.perf_counter()
+    for mistyped in ("corpus/wiki/train", "data/corpus.jsonl.gz", str(tmp_path / "corpsu")):
+        assert data_main(["tokenize", mistyped, "-o", str(tmp_path / "out"), "--tokenizer",
+                          str(world / "tokenizer")]) == 2
+        assert f"input {mistyped!r} does not exist (no such file or directory" in capsys.readouterr().err
+    missing_tok = tmp_path / "tokenizers" / "mine"
+    assert data_main(["tokenize", str(corpus), "-o", str(tmp_path / "out"), "--tokenizer", str(missing_tok)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load tokenizer {str(missing_tok)!r}: no such directory" in err and "Repo id" not in err
+    assert time.perf_counter() - t0 < 10  # no hub lookups and retries
+
+
+def test_a_failed_tokenize_does_not_lock_its_output_directory(world, tmp_path, capsys):
+    from data_pipeline.cli import main as data_main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"body": f"document {i} of the corpus"}) + "\n" for i in range(50)))
+    argv = ["tokenize", str(corpus), "-o", str(tmp_path / "out"), "--tokenizer", str(world / "tokenizer"),
+            "--k", "4", "--seq-chunks", "2", "-j", "0", "--no-progress"]
+    assert data_main(argv) == 2  # no "text" field
+    assert "text" in capsys.readouterr().err and (tmp_path / "out" / "job.json").is_file()
+    assert data_main([*argv, "--text-field", "body"]) == 0  # the corrected job is not "a different job"
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+# The peak RSS of a tokenize run, from getrusage(RUSAGE_CHILDREN) of a small parent: a process's own
+# ru_maxrss starts at its parent's RSS when forked (pytest's here), which would hide the measurement.
+MEASURE_TOKENIZE = textwrap.dedent("""
+    import resource, subprocess, sys
+    job = subprocess.run([sys.executable, "-m", "data_pipeline.cli", "tokenize", sys.argv[1], "-o", sys.argv[2],
+                          "--tokenizer", sys.argv[3], "--text-unit", "line", "--k", "4", "--seq-chunks", "8", "-j", "0",
+                          "--no-progress"])
+    print(job.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)  # Linux: KiB
+""")
+
+
+def test_a_long_single_line_document_takes_memory_bounded_by_its_ids(world, tmp_path):
+    # Letters the tiny tokenizer has few merges for: about one token per byte, the costly case.
+    line = "".join(np.random.default_rng(0).choice(list("abcdefghijklmnopqrstuvwxyz     "), 5_000_000))
+    (tmp_path / "long.txt").write_text(line + "\n")
+    (tmp_path / "short.txt").write_text(line[:50_000] + "\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    peak = {}
+    for name in ("short", "long"):
+        run = subprocess.run([sys.executable, "-c", MEASURE_TOKENIZE, str(tmp_path / f"{name}.txt"),
+                              str(tmp_path / name), str(world / "tokenizer")], env=env, capture_output=True, text=True)
+        rc, peak[name] = map(int, run.stdout.split()[-2:])
+        assert rc == 0, run.stderr
+    per_byte = (peak["long"] - peak["short"]) / len(line)
+    # ~22 bytes a token now (ids, packed samples, shard buffers); it was ~84, growing with the document
+    assert per_byte < 30, f"{per_byte:.1f} bytes of memory per byte of text"
+
+
+KILLED_TOKENIZE = textwrap.dedent("""
+    import sys
+    from data_pipeline.cli import main
+    sys.exit(main(["tokenize", sys.argv[1], "-o", sys.argv[2], "--tokenizer", sys.argv[3], "--shard-text-mb", "0.02",
+                   "--text-unit", "paragraph",
+                   "--k", "4", "--seq-chunks", "8", "-j", "2", "--no-progress"]))
+""")
+
+
+def test_a_killed_tokenize_leaves_no_worker_processes(world, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"paragraph {i} " + "of the release layout " * 400
+                                                     for i in range(400)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    main = subprocess.Popen([sys.executable, "-c", KILLED_TOKENIZE, str(tmp_path / "corpus.txt"),
+                             str(tmp_path / "out"), str(world / "tokenizer")], env=env)
+    workers = []
+    deadline = time.time() + 60
+    while len(workers) < 2 and time.time() < deadline and main.poll() is None:
+        time.sleep(0.2)
+        workers = [p for p in psutil.Process(main.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2 and main.poll() is None, "the job ended before its workers were seen"
+    os.kill(main.pid, signal.SIGKILL)
+    main.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} worker(s) outlived the killed job"

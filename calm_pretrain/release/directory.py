@@ -171,7 +171,9 @@ def check_replacement(out_dir: Path, arch: str, config_values: dict, model: dict
     # Keys both have: a published config.json may carry bookkeeping keys ours does not write.
     common = [k for k in values if k in config_values and k not in _VOLATILE]
     old, new = {k: values[k] for k in common}, {k: config_values[k] for k in common}
-    changes = config_diff(old, new) + (config_diff(sidecar["model"], model) if isinstance(sidecar.get("model"), dict) else [])
+    changes = config_diff(old, new)
+    if isinstance(sidecar.get("model"), dict):
+        changes += config_diff(sidecar["model"], model)
     if changes:
         raise ReleaseError(f"{out_dir}: holds a release of another {arch} model (differs in: "
                            f"{'; '.join(changes[:5])}); refusing to replace it: {hint}")

@@ -13,8 +13,8 @@ from torch import nn
 from calm_pretrain.config import AutoencoderConfig, CALMConfig
 from calm_pretrain.release.directory import _atomic_directory, check_replacement, clean_stale_temporaries
 from calm_pretrain.release.fingerprint import FINGERPRINT_KEY, make_record
-from calm_pretrain.release.layout import (ARCH_AE, CONFIG_NAME, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
-                                          SIDECAR_VERSION, ReleaseError, _dtype_of, _generation_config,
+from calm_pretrain.release.layout import (ARCH_AE, CONFIG_NAME, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS,
+                                          SIDECAR_NAME, SIDECAR_VERSION, ReleaseError, _dtype_of, _generation_config,
                                           architecture_of, release_config)
 from calm_pretrain.release.names import _fill_ae_tie, check_tensors, expected_shapes, release_state
 
