@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from calm_pretrain.config import ConfigError, dump_config, load_config
 
@@ -74,7 +75,17 @@ def cmd_release_info(args) -> int:
         n = info["embedded_ae_parameters"]
         print(f"    {'embedded autoencoder':<24} {n:>15,}  ({n / 1e6:8.1f}M, ae_model.*)")
     print(f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}")
-    print("  names and shapes match the config: " + ("yes" if info["consistent"] else f"NO: {info['problem']}"))
+    print("  names and shapes match the config: " + ("yes" if info["shapes_match"] else f"NO: {info['problem']}"))
+    fp = info["fingerprint"]
+    print("  as exported (fingerprint of config and weights): " + {
+        "verified": f"yes ({len(w['files'])} weight file(s) hashed)", "mismatch": f"NO: {fp.get('message')}",
+        "unverified": "unverified (no fingerprint recorded: the published layout or an older export)"}[fp["status"]])
+    if fp["unknown_fields"]:
+        print(f"  config.json fields not read by calm_pretrain (no effect): {', '.join(fp['unknown_fields'])}")
+    if info["source"]:
+        src = info["source"]
+        print(f"  exported from: step {src.get('step')} of {src.get('checkpoint')}"
+              + (f" (FALLBACK: {src['fallback']})" if src.get("fallback") else ""))
     print("  config.json:")
     for key, value in info["config"].items():
         print(f"    {key}: {json.dumps(value)}")
@@ -82,22 +93,11 @@ def cmd_release_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from calm_pretrain.release import export_state_dict
-    from calm_pretrain.train.checkpoint import consolidated_state_dict
+    from calm_pretrain.release.from_checkpoint import export_checkpoint
 
-    state, model_cfg = consolidated_state_dict(args.checkpoint)
-    tokenizer = ae_state = ae_cfg = None
-    if args.tokenizer:
-        from data_pipeline.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer)
-    if args.embed_ae:
-        from calm_pretrain.release import import_release
-
-        ae, ae_cfg = import_release(args.embed_ae)
-        ae_state = ae.state_dict()
-    out = export_state_dict(state, model_cfg, args.out, tokenizer, ae_state_dict=ae_state, ae_config=ae_cfg)
-    print(f"exported {model_cfg.arch} ({sum(v.numel() for v in state.values()):,} tensor elements) to {out}")
+    out, source = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, embed_ae=args.embed_ae,
+                                    overwrite=args.overwrite)
+    print(f"exported step {source['step']} of {source['checkpoint']} to {out}")
     return 0
 
 
@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (its newest intact checkpoint)")
     p.add_argument("--out", required=True, help="release directory (config.json + model.safetensors)")
     p.add_argument("--tokenizer", help="tokenizer to save beside the weights (demo, llama3, or a directory)")
-    p.add_argument("--embed-ae", help="for CALM: an autoencoder release to embed under ae_model.*")
+    p.add_argument("--embed-ae", help="for CALM: an autoencoder release to embed under ae_model.* (the one its "
+                   "latents were encoded with)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing release of the same run "
+                   "(a release of another model is never replaced)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="the main job: corpus → tokenizer → AE → latents → CALM + baseline → BrierLM, "
                        "samples, release checkpoints")
@@ -152,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings (ReleaseWarning, ...) as one line on stderr; others as Python prints them."""
+    if issubclass(category, UserWarning) and type(message).__module__.startswith(("calm_pretrain", "data_pipeline")):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["launch"]:  # its options are torchrun's: not parsed here
@@ -163,6 +174,15 @@ def main(argv=None) -> int:
             print(e, file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        from calm_pretrain.release.layout import ReleaseWarning
+
+        warnings.simplefilter("always", ReleaseWarning)  # each one is about a different file or step
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except ConfigError as e:

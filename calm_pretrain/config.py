@@ -481,12 +481,25 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    _require_arch(tree, path)
     try:
         return config_from_dict(tree)
     except ConfigError as e:
         if path is not None:
             raise ConfigError(f"{e} (in {path})") from None
         raise
+
+
+def _require_arch(tree: dict, path: Optional[Path]) -> None:
+    """A run config names its model: an empty or model-less file would otherwise train the default
+    architecture (CALM-M, 371M parameters) with every default, silently."""
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("arch") is not None:
+        return
+    where = f"{path}: " if path is not None else ""
+    what = "is empty" if not tree else ("has no model section" if model is None else "has no model.arch")
+    raise ConfigError(f"{where}model.arch: missing (the config {what}); say which model to train: "
+                      f"{' | '.join(sorted(MODEL_CONFIGS))}, in the YAML or as an override (model.arch=calm)")
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:

@@ -1,6 +1,7 @@
 """The autoencoder checkpoint directory: ``config.json`` + ``model.safetensors``, and its fingerprint.
 
 - ``config.json``: ``dataclasses.asdict(AutoencoderConfig)``.
+- ``fingerprint.json``: config.json and the weights' sha256 as written (``calm_pretrain.release.fingerprint``).
 - ``model.safetensors``: the state dict. The decoder's output projection is the encoder's token
   embedding (one tied Parameter); both names are stored as separate tensors (safetensors refuses shared
   storage) and loading checks they are equal, loads strictly and checks the tie survived.
@@ -31,6 +32,8 @@ def save_autoencoder(ae, directory: str | os.PathLike) -> Path:
     """Write `ae` (a calm_pretrain Autoencoder) to `directory`; files appear complete or not at all."""
     from safetensors.torch import save_file
 
+    from calm_pretrain.release.fingerprint import write_native_record
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().to("cpu").clone().contiguous() for name, t in ae.state_dict().items()}
@@ -39,6 +42,8 @@ def save_autoencoder(ae, directory: str | os.PathLike) -> Path:
     save_file(state, str(tmp), metadata={"format": "pt", "calm": "autoencoder"})
     os.replace(tmp, weights)
     atomic_write_bytes(d / CONFIG_NAME, (json.dumps(dataclasses.asdict(ae.config), indent=1) + "\n").encode())
+    # Last: a loader compares config.json and the weights with this record and names any edit.
+    write_native_record(d, dataclasses.asdict(ae.config), [WEIGHTS_NAME])
     fsync_dir(d)
     return d
 
@@ -78,8 +83,24 @@ def load_autoencoder(directory: str | os.PathLike, device: str | torch.device = 
         raise DataError(f"{w_path}: weights do not match the config in {cfg_path} ({e})") from None
     if ae.decoder.lm_head_weight is not ae.encoder.embed_tokens.weight:
         raise DataError(f"{w_path}: the decoder's output projection is no longer tied to the embedding")
+    _check_fingerprint(d, json.loads(cfg_path.read_text()))  # after the checks that say more about a broken file
     ae.requires_grad_(False)
     return ae.to(device).eval()
+
+
+def _check_fingerprint(d: Path, values: dict) -> None:
+    """Refuse a directory whose config.json or weights differ from the ones written (an edited norm eps
+    or a swapped weight file would encode differently under the same name); say so when unrecorded."""
+    import warnings
+
+    from calm_pretrain.release.fingerprint import UNVERIFIED, describe_mismatch, mismatches
+    from calm_pretrain.release.layout import ReleaseWarning
+
+    problems = mismatches(d, values, None, [WEIGHTS_NAME])
+    if problems is None:
+        warnings.warn(ReleaseWarning(f"autoencoder directory {d}: {UNVERIFIED}"), stacklevel=3)
+    elif problems:
+        raise DataError(describe_mismatch(d, problems))
 
 
 def _is_reference_config(cfg_path: Path) -> bool:

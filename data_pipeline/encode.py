@@ -170,8 +170,11 @@ def _encode_shard(ae, device, tm: Manifest, i: int, path: Path, spec: ShardSpec,
         if pending:
             run(pending)
         info = writer.finish()
+    stats = {"source": src.file, "source_sha256": src.sha256}
+    if "max_id" in src.stats:  # the ids are the token shard's: the trainer checks them against its vocabulary
+        stats["max_id"] = src.stats["max_id"]
     entry = ShardEntry(file=path.name, num_samples=info.num_samples, num_tokens=info.num_samples * spec.sample_tokens,
-                       bytes=info.bytes, sha256=info.sha256, stats={"source": src.file, "source_sha256": src.sha256})
+                       bytes=info.bytes, sha256=info.sha256, stats=stats)
     if info.num_samples != src.num_samples:
         raise DataError(f"{path}: wrote {info.num_samples} samples, {src.file} has {src.num_samples}")
     write_done(path, entry)

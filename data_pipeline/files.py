@@ -1,4 +1,5 @@
-"""Small file-system helpers: atomic writes (temporary name, fsync, rename) and hashing."""
+"""Small file-system helpers: atomic writes (temporary name, fsync, rename), hashing, and telling a local
+path from a hub name."""
 from __future__ import annotations
 
 import hashlib
@@ -93,3 +94,20 @@ def remove_stale_tmp(directory: Path, only_for: Optional[Iterable[str]] = None) 
             except FileNotFoundError:
                 pass
     return n
+
+
+# Endings of data and text files; a hub name ("owner/name", which may hold dots: "the-stack-v1.2") has none.
+_FILE_ENDINGS = (".json", ".jsonl", ".txt", ".text", ".md", ".csv", ".tsv", ".parquet", ".arrow", ".gz", ".zst",
+                 ".bz2", ".xz", ".model")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` can only mean a file or directory here, never a hub name (``name`` or ``owner/name``):
+    so that a mistyped path is reported as missing instead of being looked up on the hub."""
+    name = str(name)
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if name.lower().endswith(_FILE_ENDINGS):
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and os.path.isdir(first)  # inside a directory that exists here

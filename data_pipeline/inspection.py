@@ -9,7 +9,8 @@ from typing import Optional, TextIO
 import numpy as np
 
 from data_pipeline.errors import DataError, ManifestError
-from data_pipeline.manifest import DONE_SUFFIX, Manifest, ShardEntry, load_manifest, manifest_path
+from data_pipeline.manifest import (DONE_SUFFIX, Manifest, ShardEntry, load_manifest, manifest_path,
+                                    schema_mismatches)
 from data_pipeline.shards import ShardReader, ShardSpec, verify_shard
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,13 @@ def _reconstruct(m: Manifest, rows: dict, ae_dir: Optional[str], device: str, p)
 # --------------------------------------------------------------------------------------------
 # verify
 # --------------------------------------------------------------------------------------------
+def _schema_problem(m: Manifest, shard: Path) -> Optional[str]:
+    """How the shard's own schema disagrees with the manifest (an edited k or latent_dim), or None."""
+    with ShardReader(shard) as r:
+        problems = schema_mismatches(m, r.spec)
+    return f"does not match the manifest ({'; '.join(problems)})" if problems else None
+
+
 def verify(path: str, out: Optional[TextIO] = None, progress: bool = True) -> list[str]:
     """Re-check every shard (size, sha256, each row's CRC); prints one line per shard and returns the
     names of the damaged ones. Works on unfinished directories too (from the ``.done`` records)."""
@@ -159,6 +167,8 @@ def verify(path: str, out: Optional[TextIO] = None, progress: bool = True) -> li
                file=sys.stderr, dynamic_ncols=True)
     for e in entries:
         problem = verify_shard(base / e.file, e.bytes, e.sha256, e.num_samples)
+        if problem is None and mp.is_file():
+            problem = _schema_problem(m, base / e.file)
         bar.update(e.bytes)
         if problem:
             damaged.append(e.file)

@@ -40,7 +40,8 @@ import torch
 
 from data_pipeline.errors import DataError, ManifestError
 from data_pipeline.files import canonical_hash
-from data_pipeline.manifest import Manifest, check_compatible, check_same_kind, load_manifest
+from data_pipeline.manifest import (Manifest, check_compatible, check_same_kind, check_shard_schema,
+                                    load_manifest)
 from data_pipeline.shards import ShardReader, decode_rows
 
 STATE_VERSION = 1
@@ -126,8 +127,11 @@ class _SampleReader:
             m = self.datasets[ds].m
             entry = m.shards[shard]
             r = ShardReader(m.shard_path(entry), expected_bytes=entry.bytes, num_samples=entry.num_samples)
-            if r.spec.sample_tokens != m.sample_tokens or r.spec.kind != m.kind:
-                raise DataError(f"shard {r.path} does not match its manifest {m.path} (kind/length)")
+            try:
+                check_shard_schema(m, r.spec, r.path)
+            except DataError:
+                r.close()
+                raise
             self._open[key] = r
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
@@ -178,6 +182,14 @@ class _SampleReader:
         self._cached = 0
 
 
+def _check_first_shard(m: Manifest) -> None:
+    """The manifest describes its shards (one file opened at start-up; every shard is checked when opened)."""
+    if m.shards:
+        entry = m.shards[0]
+        with ShardReader(m.shard_path(entry), expected_bytes=entry.bytes, num_samples=entry.num_samples) as r:
+            check_shard_schema(m, r.spec, r.path)
+
+
 # --------------------------------------------------------------------------------------------
 # The loader
 # --------------------------------------------------------------------------------------------
@@ -193,7 +205,7 @@ class ShardLoader:
         seed: picks the permutation of every epoch.
         prefetch: micro-batches prepared ahead by the background thread (0 = read in the caller).
         expect: checked against every manifest with `check_compatible` (k, latent_dim, ae_fingerprint,
-            tokenizer_fingerprint, sample_tokens).
+            tokenizer_fingerprint, sample_tokens, vocab_size).
         cache_mb, max_open_files: bounds of the read caches.
         return_index: also yield ``dataset``, ``index`` and ``epoch`` of every sample.
         pin_memory: pin batches (when CUDA is available) for faster host-to-device copies.
@@ -239,6 +251,7 @@ class ShardLoader:
 
         manifests = [load_manifest(p) for p in paths]
         for m in manifests:
+            _check_first_shard(m)  # before the run's expectations: an edited manifest would mislead them
             if expect:
                 check_compatible(m, **expect)
             if m.num_samples == 0:
@@ -256,6 +269,16 @@ class ShardLoader:
         self._thread: Optional[threading.Thread] = None
         self._queue: Optional[queue.Queue] = None
         self._stop = threading.Event()
+
+    @property
+    def data_sources(self) -> dict:
+        """What made the shards (the same for every blended dataset, check_same_kind): the tokenizer's and,
+        for latents, the autoencoder's fingerprint. Checkpoints record it, so that a release is refused an
+        autoencoder or tokenizer the model was not trained with."""
+        m = self.manifests[0]
+        return {"kind": m.kind, "tokenizer_fingerprint": m.tokenizer_fingerprint,
+                "tokenizer_spec": m.tokenizer.get("spec"), "ae_fingerprint": m.ae_fingerprint, "k": m.k,
+                "latent_dim": m.latent_dim}
 
     # ---- position --------------------------------------------------------------------------
     @property

@@ -91,6 +91,15 @@ class Manifest:
         return None if self.latent is None else self.latent.get("ae_fingerprint")
 
     @property
+    def max_token_id(self) -> Optional[int]:
+        """The largest token id in the shards (recorded per shard), else the tokenizer's largest possible id."""
+        recorded = [s.stats.get("max_id") for s in self.shards]
+        if recorded and all(isinstance(x, int) for x in recorded):
+            return max(recorded)
+        vocab = self.tokenizer.get("vocab_size")
+        return None if vocab is None else int(vocab) - 1
+
+    @property
     def tokenizer_fingerprint(self) -> Optional[str]:
         return self.tokenizer.get("fingerprint")
 
@@ -195,7 +204,9 @@ def write_manifest(m: Manifest, directory: str | os.PathLike) -> Path:
 # Job parameters: a re-run continues a job only if it is the same job
 # --------------------------------------------------------------------------------------------
 def claim_job(directory: Path, params: dict) -> None:
-    """Record `params` in ``job.json``, or check that they equal the recorded ones."""
+    """Record `params` in ``job.json``, or check that they equal the recorded ones. A job that never
+    finished a shard (it failed at its start: a bad input, a wrong option) holds nothing worth keeping,
+    so it does not lock the directory against the corrected job."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / JOB_NAME
     params = json.loads(json.dumps(params))  # normalise tuples etc.
@@ -204,6 +215,9 @@ def claim_job(directory: Path, params: dict) -> None:
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ManifestError(f"{path}: unreadable ({e}); delete it to start the job afresh") from None
+        if old != params and not _holds_output(directory):
+            atomic_write_json(path, params)
+            return
         if old != params:
             diff = [f"{k}: {old.get(k)!r} (recorded) vs {params.get(k)!r} (now)"
                     for k in sorted(set(old) | set(params)) if old.get(k) != params.get(k)]
@@ -211,6 +225,11 @@ def claim_job(directory: Path, params: dict) -> None:
                                 f"directory or delete this one. Differences: " + "; ".join(diff))
         return
     atomic_write_json(path, params)
+
+
+def _holds_output(directory: Path) -> bool:
+    """A finished shard or a manifest: the output of a job that got somewhere."""
+    return (directory / MANIFEST_NAME).exists() or any(p.name.endswith(DONE_SUFFIX) for p in directory.iterdir())
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +297,8 @@ def forget_shard(shard: Path) -> None:
 # --------------------------------------------------------------------------------------------
 def check_compatible(manifest: Manifest | str | os.PathLike, *, k: Optional[int] = None,
                      latent_dim: Optional[int] = None, ae_fingerprint: Optional[str] = None,
-                     tokenizer_fingerprint: Optional[str] = None, sample_tokens: Optional[int] = None) -> Manifest:
+                     tokenizer_fingerprint: Optional[str] = None, sample_tokens: Optional[int] = None,
+                     vocab_size: Optional[int] = None) -> Manifest:
     """Raise :class:`IncompatibleDataError` unless the shards were made for this configuration.
 
     Arguments left as None are not checked. The message names the manifest file, the run's value and
@@ -304,7 +324,30 @@ def check_compatible(manifest: Manifest | str | os.PathLike, *, k: Optional[int]
         raise bad("autoencoder fingerprint", ae_fingerprint, m.ae_fingerprint)
     if tokenizer_fingerprint is not None and tokenizer_fingerprint != m.tokenizer_fingerprint:
         raise bad("tokenizer fingerprint", tokenizer_fingerprint, m.tokenizer_fingerprint)
+    if vocab_size is not None and m.max_token_id is not None and m.max_token_id >= int(vocab_size):
+        raise IncompatibleDataError(f"{where}: the shards hold token ids up to {m.max_token_id} but the model's "
+                                    f"vocabulary has {vocab_size} entries (model.vocab_size): those ids would index "
+                                    f"past its embedding; set model.vocab_size >= {m.max_token_id + 1}")
     return m
+
+
+def schema_mismatches(m: Manifest, spec) -> list[str]:
+    """Where a shard's own schema (its ``ShardSpec``) disagrees with the manifest that lists it."""
+    pairs = [("kind", m.kind, spec.kind), ("k", m.k, spec.k), ("seq_chunks", m.seq_chunks, spec.seq_chunks),
+             ("sample_tokens", m.sample_tokens, spec.sample_tokens), ("token_dtype", m.token_dtype, spec.token_dtype)]
+    if m.kind == "latents" or spec.kind == "latents":
+        pairs += [("latent.latent_dim", m.latent_dim, spec.latent_dim),
+                  ("latent.dtype", (m.latent or {}).get("dtype"), spec.latent_dtype)]
+    return [f"{name} = {a!r} in the manifest, {b!r} in the shard" for name, a, b in pairs if a != b]
+
+
+def check_shard_schema(m: Manifest, spec, shard: Path) -> None:
+    """Refuse a manifest that does not describe its shards (edited by hand, or copied from another job):
+    a run would otherwise fail later on a raw shape error, or train on misread samples."""
+    problems = schema_mismatches(m, spec)
+    if problems:
+        raise ManifestError(f"{m.path}: does not match its shard {shard} ({'; '.join(problems)}); the manifest was "
+                            f"edited or belongs to other shards: re-make the directory (`calm-data verify` checks all)")
 
 
 def check_same_kind(manifests: Iterable[Manifest]) -> None:

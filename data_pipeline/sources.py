@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from data_pipeline.errors import InputError
+from data_pipeline.files import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ def resolve_inputs(inputs: list[str]) -> list[Source]:
                 raise InputError(f"input directory {item!r} holds no jsonl, jsonl.zst, parquet or text file")
         elif os.path.exists(item):
             paths = [item]
-        elif item.startswith((".", "/", "~")) or _kind_of(item) is not None:
-            raise InputError(f"input {item!r} does not exist")
+        elif looks_like_local_path(item) or _kind_of(item) is not None:
+            raise InputError(f"input {item!r} does not exist (no such file or directory; a hub dataset name "
+                             f"looks like 'name' or 'owner/name')")
         else:
             out.append(Source("hub", item))
             continue

@@ -26,7 +26,8 @@ def write_token_dataset(directory: str | Path, samples: np.ndarray, k: int = 4, 
         with ShardWriter(path, spec, rows_per_batch=rows_per_batch) as w:
             w.add(samples[part])
             info = w.finish()
-        entry = ShardEntry(path.name, info.num_samples, info.num_samples * t, info.bytes, info.sha256, {"unit": i})
+        entry = ShardEntry(path.name, info.num_samples, info.num_samples * t, info.bytes, info.sha256,
+                           {"unit": i, "max_id": int(samples[part].max()) if len(part) else -1})
         write_done(path, entry)
         entries.append(entry)
     tok = tokenizer or {"spec": "test", "type": "test", "fingerprint": "test-tokenizer", "vocab_size": vocab_size,
@@ -113,7 +114,8 @@ def write_latent_dataset(directory: str | Path, ids: np.ndarray, mu: np.ndarray,
     with ShardWriter(path, spec) as w:
         w.add(ids, mu, log_sigma)
         info = w.finish()
-    entry = ShardEntry(path.name, info.num_samples, info.num_samples * t, info.bytes, info.sha256, {"unit": 0})
+    entry = ShardEntry(path.name, info.num_samples, info.num_samples * t, info.bytes, info.sha256,
+                       {"unit": 0, "max_id": int(ids.max()) if ids.size else -1})
     write_done(path, entry)
     tok = {"spec": "test", "type": "test", "fingerprint": "test-tokenizer", "vocab_size": vocab_size,
            "bos_id": 1, "eos_id": 2, "pad_id": 0}

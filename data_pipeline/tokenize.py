@@ -20,7 +20,9 @@ parameters (tokenizer, layout, K, L, inputs, ...) is refused.
 
 Documents longer than :data:`SEGMENT_CHARS` are tokenized in pieces cut just before a space that follows
 a non-space character, where the Llama-3 and GPT-2 pre-tokenizers always split anyway, so the ids are
-those of the whole document while memory stays bounded (a piece without such a space is cut hard).
+those of the whole document (a piece without such a space is cut hard), and the pieces are encoded a
+batch at a time, so the memory a document takes is its ids, whatever its length. (The published pipeline
+splits documents over 10k words into separate documents instead; ours keep their ids and context.)
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,7 +58,7 @@ from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 SEGMENT_CHARS = 100_000
-ENCODE_BATCH_CHARS = 1 << 20  # text per encode_batch call (also the progress granularity)
+ENCODE_BATCH_CHARS = 1 << 18  # text per encode_batch call: bounds the tokenizer's per-token bookkeeping
 
 
 @dataclass
@@ -159,10 +162,22 @@ def pack_ae(docs: Sequence[Sequence[int]], sample_tokens: int, k: int, eos_id: i
 _worker: dict = {}
 
 
-def _init_worker(tokenizer: Tokenizer, progress_queue) -> None:
+def _init_worker(tokenizer: Tokenizer, progress_queue, parent_pid: Optional[int] = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from the processes
     _worker["tokenizer"] = tokenizer
     _worker["queue"] = progress_queue
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="watch-parent").start()
+
+
+def _exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """End this worker once the job's main process is gone (kill -9, OOM killer, a lost Slurm step): the
+    pool's queues never close then, so a worker would otherwise wait, or go on writing, forever. What
+    it was writing is a temporary file, which the next run removes."""
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent_pid:
+            os._exit(1)
 
 
 def _report(n: int) -> None:
@@ -175,30 +190,41 @@ def _report(n: int) -> None:
 
 
 def tokenize_documents(tok: Tokenizer, texts: Sequence[str]) -> Iterator[np.ndarray]:
-    """Token ids (int64 arrays) of each text, encoding about ENCODE_BATCH_CHARS of text per call."""
-    group: list[tuple[int, int]] = []  # (document index, number of pieces)
-    pieces: list[str] = []
+    """Token ids (int32 arrays) of each text, in order.
 
-    def flush():
-        ids = tok.encode_batch(pieces)
-        i = 0
-        for _, n in group:
-            doc = ids[i] if n == 1 else np.concatenate([np.asarray(p, dtype=np.int64) for p in ids[i:i + n]])
-            i += n
-            yield np.asarray(doc, dtype=np.int64)
+    Texts go to the tokenizer in batches of about ENCODE_BATCH_CHARS, and a long text in pieces of at most
+    SEGMENT_CHARS (``split_long_text``) spread over as many batches as it needs: the tokenizer's per-token
+    bookkeeping (an ``Encoding`` costs ~70 bytes a token) then never exists for more than one batch, and a
+    20 MB single-line document costs its ids (4 bytes a token), not 40-60 bytes per byte of text."""
+    pieces: dict[int, list[np.ndarray]] = {}  # document → its encoded pieces so far
+    batch: list[str] = []
+    owners: list[int] = []  # the document of each text in `batch`
+
+    def flush() -> None:
+        ids = tok.encode_batch(batch) if batch else []
+        for owner, piece in zip(owners, ids):
+            pieces.setdefault(owner, []).append(np.asarray(piece, dtype=np.int32))
         _report(sum(map(len, ids)))
+        batch.clear()
+        owners.clear()
+
+    def finished(before: float) -> Iterator[np.ndarray]:
+        for d in sorted(k for k in pieces if k < before):
+            parts = pieces.pop(d)
+            yield parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     size = 0
     for d, text in enumerate(texts):
-        parts = split_long_text(text)
-        group.append((d, len(parts)))
-        pieces.extend(parts)
-        size += len(text)
-        if size >= ENCODE_BATCH_CHARS:
-            yield from flush()
-            group, pieces, size = [], [], 0
-    if group:
-        yield from flush()
+        for piece in split_long_text(text):
+            batch.append(piece)
+            owners.append(d)
+            size += len(piece)
+            if size >= ENCODE_BATCH_CHARS:
+                flush()
+                size = 0
+                yield from finished(d)  # every document before this one is complete
+    flush()
+    yield from finished(float("inf"))
 
 
 def shard_name(unit: int) -> str:
@@ -224,7 +250,7 @@ def tokenize_unit(unit: int, texts: list[str], out_dir: str, layout: dict) -> di
         w.add(samples)
         info = w.finish()
     stats = {"unit": unit, "documents": len(texts), "text_bytes": sum(len(x.encode("utf-8")) for x in texts),
-             "document_tokens": sum(map(len, docs)), **extra}
+             "document_tokens": sum(map(len, docs)), "max_id": int(samples.max()) if samples.size else -1, **extra}
     entry = ShardEntry(file=path.name, num_samples=info.num_samples, num_tokens=info.num_samples * t,
                        bytes=info.bytes, sha256=info.sha256, stats=stats)
     write_done(path, entry)
@@ -356,7 +382,7 @@ def _drive(units: Iterator[list[str]], finished: dict, tok: Tokenizer, layout: d
                 bar.set_postfix(shards_done=n - len(pending) - skipped, skipped=skipped, refresh=False)
 
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                initargs=(tok, progress_q)) as pool:
+                                initargs=(tok, progress_q, os.getpid())) as pool:
         try:
             for unit, texts in enumerate(units):
                 n = unit + 1

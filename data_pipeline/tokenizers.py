@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from data_pipeline.errors import DataError
-from data_pipeline.files import canonical_hash
+from data_pipeline.files import canonical_hash, looks_like_local_path
 
 DEMO_VOCAB = 4096
 DEMO_SPECIALS = ["[PAD]", "<|begin_of_text|>", "<|end_of_text|>"]
@@ -381,6 +381,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec == "llama3" or spec.startswith("llama3:"):
         return load_llama3(spec.split(":", 1)[1] if ":" in spec else None)
     p = Path(spec)
+    if not p.exists() and looks_like_local_path(spec):
+        raise DataError(f"cannot load tokenizer {spec!r}: no such directory (expected demo, llama3[:DIR], a tokenizer "
+                        f"directory or a hub tokenizer name)")
     if p.is_dir() and (p / CALM_META).is_file():
         from tokenizers import Tokenizer as RustTokenizer
 

@@ -3,6 +3,7 @@ reference layout (docs/release.md, 'The published layout': config.json keys, par
 formula),
 HF Llama compatibility of the Transformer baseline, pytorch_model.bin directories, refusal of untrusted
 pickles, error messages and atomic writes."""
+import copy
 import json
 import shutil
 
@@ -173,7 +174,14 @@ def test_config_fields_beyond_the_reference_survive_and_config_json_wins(models,
     values = json.loads(path.read_text())
     values["eos_token_id"] = 5
     path.write_text(json.dumps(values))
-    assert import_release(tmp_path / "ae")[1].eos_token_id == 5
+    # An edit after export is refused by name (tests/test_hostile_releases_data.py); without the
+    # fingerprint record (a published or hand-made directory) config.json wins over the sidecar.
+    with pytest.raises(ReleaseError, match="config.json eos_token_id: 2 -> 5"):
+        import_release(tmp_path / "ae")
+    side = tmp_path / "ae" / release.SIDECAR_NAME
+    side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "fingerprint"}))
+    with pytest.warns(release.ReleaseWarning, match="unverified"):
+        assert import_release(tmp_path / "ae")[1].eos_token_id == 5
 
 
 def test_calm_with_a_non_energy_head_round_trips_through_the_sidecar(models, tmp_path):
@@ -507,17 +515,19 @@ def test_a_crash_mid_export_leaves_no_target_and_keeps_the_previous_release(mode
 
     export_release(models["ae"], target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
+    retrained = _perturbed(copy.deepcopy(models["ae"]))  # the same model, other weights
     with monkeypatch.context() as m:
         m.setattr(safetensors.torch, "save_file", boom)
         with pytest.raises(OSError, match="simulated"):
-            export_release(models["calm"], target)
+            export_release(retrained, target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["release"]
     back, _ = import_release(target)
     assert _equal_all(_ae_outputs(back), _ae_outputs(models["ae"]))
-    # a successful re-export replaces it
-    export_release(models["calm"], target)
-    assert import_release(target)[1] == models["calm"].config
+    # a successful re-export replaces it (a release of another model is never replaced:
+    # tests/test_hostile_releases_data.py)
+    export_release(retrained, target, overwrite=True)
+    assert _equal_all(_ae_outputs(import_release(target)[0]), _ae_outputs(retrained))
     assert [p.name for p in tmp_path.iterdir()] == ["release"]
 
 

@@ -54,15 +54,16 @@ def data_expectations(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> d
     With CALM's frozen AE given, latent shards must also have been encoded by it."""
     m = cfg.model
     if isinstance(m, CALMConfig):
-        expect = {"k": m.k, "latent_dim": m.latent_dim, "sample_tokens": cfg.data.seq_chunks * m.k}
+        expect = {"k": m.k, "latent_dim": m.latent_dim, "sample_tokens": cfg.data.seq_chunks * m.k,
+                  "vocab_size": m.vocab_size}
         if ae is not None:
             from data_pipeline.ae_io import autoencoder_fingerprint
 
             expect["ae_fingerprint"] = autoencoder_fingerprint(ae)
         return expect
     if isinstance(m, AutoencoderConfig):
-        return {"k": m.k, "sample_tokens": cfg.data.seq_chunks * m.k}
-    return {"sample_tokens": cfg.data.seq_chunks}
+        return {"k": m.k, "sample_tokens": cfg.data.seq_chunks * m.k, "vocab_size": m.vocab_size}
+    return {"sample_tokens": cfg.data.seq_chunks, "vocab_size": m.vocab_size}
 
 
 def check_data(cfg: RunConfig) -> None:

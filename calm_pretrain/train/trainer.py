@@ -320,6 +320,8 @@ class Trainer:
             state["consumed_samples"] = self.loader.consumed_samples
             state["data_fingerprint"] = self.loader.data_fingerprint
             state["data"] = [str(m.path) for m in self.loader.manifests]
+            # The tokenizer / autoencoder fingerprints of the shards: export checks a release against them.
+            state["data_sources"] = getattr(self.loader, "data_sources", None)
         return state
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:

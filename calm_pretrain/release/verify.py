@@ -1,0 +1,50 @@
+"""Checking a release against its fingerprint before it is used (import, ``load_autoencoder``,
+``release-info``); see ``fingerprint.py`` for what is recorded."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+from calm_pretrain.release.files import weight_files
+from calm_pretrain.release.fingerprint import UNVERIFIED, describe_mismatch, mismatches
+from calm_pretrain.release.layout import CONFIG_NAME, ReleaseError, ReleaseWarning, known_config_keys
+
+T = TypeVar("T")
+
+
+def unknown_config_keys(values: dict, arch: str) -> list[str]:
+    """config.json keys no loader of ours reads (our native AE directories are checked field by field)."""
+    if arch == "native":
+        return []
+    return sorted(k for k in values if k not in known_config_keys(arch))
+
+
+def verify_release(d: Path, values: dict, sidecar: Optional[dict], arch: str, *, warn: bool = True) -> dict:
+    """{"status": "verified" | "unverified" | "mismatch", "problems": [...], "unknown_fields": [...]}.
+    With `warn`, an unverified release and unknown config.json fields are reported as ReleaseWarnings."""
+    _, files = weight_files(d)
+    problems = mismatches(d, values, sidecar, [f.name for f in files])
+    status = "unverified" if problems is None else ("mismatch" if problems else "verified")
+    unknown = unknown_config_keys(values, arch)
+    if warn and status == "unverified":
+        warnings.warn(ReleaseWarning(f"{d}: {UNVERIFIED}"), stacklevel=3)
+    if warn and unknown:
+        warnings.warn(ReleaseWarning(f"{d / CONFIG_NAME}: field(s) {', '.join(unknown)} are not read by calm_pretrain "
+                                     f"(ignored: a setting there has no effect)"), stacklevel=3)
+    return {"status": status, "problems": problems or [], "unknown_fields": unknown}
+
+
+def verified_load(d: Path, values: dict, sidecar: Optional[dict], arch: str, load: Callable[[], T]) -> T:
+    """`load()`, refused when the release differs from its fingerprint. The name and shape checks inside
+    `load` run first, as they say most about a broken file; an edit that broke them is named with them."""
+    report = verify_release(d, values, sidecar, arch)
+    try:
+        result = load()
+    except ReleaseError as e:
+        if report["problems"]:
+            raise ReleaseError(f"{e}. {describe_mismatch(d, report['problems'])}") from None
+        raise
+    if report["problems"]:
+        raise ReleaseError(describe_mismatch(d, report["problems"]))
+    return result
