@@ -41,6 +41,7 @@ def releases(tmp_path_factory, tokenizer):
     cfg = json.loads(cfg_path.read_text())
     cfg["ae_path"] = "/nonexistent/authors/machine/calm_autoencoder"
     cfg_path.write_text(json.dumps(cfg, indent=1))
+    (root / "calm" / "calm_pretrain.json").unlink()  # the published layout: config.json and weights only
     evalset = root / "eval.jsonl"
     evalset.write_text("".join(json.dumps({"text": TEXT + f" Document {i}."}) + "\n" for i in range(12)))
     return {"root": root, "tr": tr, "evalset": evalset}

@@ -515,7 +515,7 @@ def test_a_crash_mid_export_leaves_no_target_and_keeps_the_previous_release(mode
 
     export_release(models["ae"], target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    retrained = _perturbed(copy.deepcopy(models["ae"]))  # the same model, other weights
+    retrained = perturbed(copy.deepcopy(models["ae"]))  # the same model, other weights
     with monkeypatch.context() as m:
         m.setattr(safetensors.torch, "save_file", boom)
         with pytest.raises(OSError, match="simulated"):
