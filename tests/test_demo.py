@@ -88,10 +88,9 @@ def test_autoencoder_stage_trains_evaluates_on_held_out_text_and_releases(demo):
     for name, t in trained.state_dict().items():
         assert torch.equal(encoder.state_dict()[name], t), name
     assert load_manifest(run / "data" / "latents").ae_fingerprint == autoencoder_fingerprint(encoder)
-    from data_pipeline.loader import ShardLoader
+    from calm_pretrain.eval.source import heldout_blocks
 
-    with ShardLoader(run / "data" / "heldout", global_batch_size=1, seed=0, prefetch=0) as loader:
-        blocks = [next(loader)["ids"] for _ in range(8)]
+    blocks = heldout_blocks(run / "data" / "heldout", 8)  # the trainer's eval.max_blocks = 8
     with torch.no_grad():
         correct = sum((encoder.reconstruct(ids) == ids).sum().item() for ids in blocks)
     total = sum(b.numel() for b in blocks)  # a near-tie may flip with another thread count: allow 3 tokens
