@@ -237,9 +237,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
     # Divergence (calm_pretrain/train/divergence.py): a step whose loss or gradient norm is more than
     # divergence_ratio times its running median (over the last divergence_window unsuspected steps, once
-    # divergence_warmup of them were seen) is suspect; its episode pins the last checkpoint before it,
-    # and divergence_patience suspect steps in a row stop the run. divergence_ratio=0 turns it off.
+    # divergence_warmup of them were seen) and above it by at least divergence_min_increase is suspect;
+    # its episode pins the last checkpoint before it, and divergence_patience suspect steps in a row stop
+    # the run. divergence_ratio=0 turns it off.
     divergence_ratio: float = 10.0
+    divergence_min_increase: float = 1.0
     divergence_warmup: int = 50
     divergence_window: int = 100
     divergence_patience: int = 10
@@ -272,6 +274,7 @@ class TrainConfig:
         _check(self.divergence_warmup >= 1, f"{p}.divergence_warmup", "must be >= 1")
         _check(self.divergence_ratio == 0 or self.divergence_ratio > 1, f"{p}.divergence_ratio",
                f"must be 0 (off) or > 1, got {self.divergence_ratio}")
+        _check(self.divergence_min_increase >= 0, f"{p}.divergence_min_increase", "must be >= 0")
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"{p}.min_lr",
                f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
 

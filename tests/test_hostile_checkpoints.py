@@ -402,3 +402,18 @@ def test_nan_inside_a_crc_valid_latent_shard_is_named_when_its_step_is_skipped(t
     where = f"sample 5 of {tmp_path / 'latents' / 'manifest.json'} (shard {shard}, row 5)"
     assert len(skipped) == 1 and skipped[0]["nonfinite_inputs"] == [where]
     assert f"SKIPPED (non-finite; not finite: {where})" in result.stdout
+
+
+def test_a_loss_near_zero_does_not_make_noise_look_like_a_divergence():
+    """The absolute floor: CE at 0.04 with a 0.39 step is noise (seen in the tiny sweep), 4 -> 2000 is not."""
+    from calm_pretrain.train.divergence import DivergenceMonitor
+
+    calm = DivergenceMonitor(ratio=10, warmup=3, window=10)
+    for loss in (0.04, 0.03, 0.05, 0.04):
+        assert calm.check(loss, 0.5) is None
+    assert calm.check(0.39, 0.5) is None
+    assert calm.check(0.04, 6.0) is not None  # a gradient-norm spike of 12x and +5.5
+    spiking = DivergenceMonitor(ratio=10, warmup=3, window=10)
+    for loss in (4.0, 3.9, 4.1):
+        assert spiking.check(loss, 1.0) is None
+    assert "more than train.divergence_ratio=10" in spiking.check(2000.0, 1.0)
