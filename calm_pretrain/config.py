@@ -242,6 +242,7 @@ class TrainConfig:
     # the run. divergence_ratio=0 turns it off.
     divergence_ratio: float = 10.0
     divergence_min_increase: float = 1.0
+    divergence_grad_norm_ratio: float = 100.0  # the gradient norm's own ratio (10x spikes are common)
     divergence_warmup: int = 50
     divergence_window: int = 100
     divergence_patience: int = 10
@@ -275,6 +276,8 @@ class TrainConfig:
         _check(self.divergence_ratio == 0 or self.divergence_ratio > 1, f"{p}.divergence_ratio",
                f"must be 0 (off) or > 1, got {self.divergence_ratio}")
         _check(self.divergence_min_increase >= 0, f"{p}.divergence_min_increase", "must be >= 0")
+        _check(self.divergence_grad_norm_ratio == 0 or self.divergence_grad_norm_ratio > 1,
+               f"{p}.divergence_grad_norm_ratio", f"must be 0 (off) or > 1, got {self.divergence_grad_norm_ratio}")
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, f"{p}.min_lr",
                f"need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
 

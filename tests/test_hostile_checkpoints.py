@@ -412,7 +412,8 @@ def test_a_loss_near_zero_does_not_make_noise_look_like_a_divergence():
     for loss in (0.04, 0.03, 0.05, 0.04):
         assert calm.check(loss, 0.5) is None
     assert calm.check(0.39, 0.5) is None
-    assert calm.check(0.04, 6.0) is not None  # a gradient-norm spike of 12x and +5.5
+    assert calm.check(0.04, 6.0) is None  # a gradient-norm spike of 12x: common in healthy training
+    assert "divergence_grad_norm_ratio=100" in calm.check(0.04, 80.0)
     spiking = DivergenceMonitor(ratio=10, warmup=3, window=10)
     for loss in (4.0, 3.9, 4.1):
         assert spiking.check(loss, 1.0) is None

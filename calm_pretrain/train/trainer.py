@@ -134,7 +134,8 @@ class Trainer:
         self.first_suspect_step: Optional[int] = None  # of the current episode of suspect steps
         self.last_good_checkpoint: Optional[Path] = None  # pinned at that step
         self.divergence = DivergenceMonitor(cfg.train.divergence_ratio, cfg.train.divergence_warmup,
-                                            cfg.train.divergence_window, cfg.train.divergence_min_increase)
+                                            cfg.train.divergence_window, cfg.train.divergence_min_increase,
+                                            cfg.train.divergence_grad_norm_ratio)
         self.tokens_seen = 0
         self._bad_inputs: list[tuple[int, int]] = []  # this step's samples with non-finite inputs
         self.exit_reason = "running"
