@@ -90,7 +90,7 @@ def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[
     from data_pipeline.loader import ShardLoader
 
     if not cfg.data.train:
-        raise ValueError("data.train: no training shards given (a list of shard directories)")
+        raise ConfigError("data.train: no training shards given (a list of shard directories)")
     t = cfg.train
     return ShardLoader(cfg.data.train, cfg.data.weights or None,
                        global_batch_size=t.micro_batch_size * t.grad_accum_steps * dp_world_size,
@@ -116,7 +116,7 @@ def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Opt
     from calm_pretrain.eval.heldout import evaluate_model, numbers
 
     if isinstance(cfg.model, CALMConfig) and ae is None:
-        raise ValueError("data.eval is set for a CALM run but model.ae_path is not: BrierLM needs the autoencoder")
+        raise ConfigError("data.eval is set for a CALM run but model.ae_path is not: BrierLM needs the autoencoder")
     blocks = held_out_blocks(cfg)
 
     def evaluate(model):
@@ -131,13 +131,13 @@ def _init_from_release(model, path: str, say) -> None:
 
     released, released_cfg = import_release(path)
     if released_cfg.arch != model.config.arch:
-        raise ValueError(f"train.init_from: {path} holds a {released_cfg.arch} release, the run trains "
+        raise ConfigError(f"train.init_from: {path} holds a {released_cfg.arch} release, the run trains "
                          f"{model.config.arch}")
     state = released.state_dict()
     own = dict(model.named_parameters())
     for name, p in own.items():
         if name not in state or tuple(state[name].shape) != tuple(getattr(p, "ds_shape", p.shape)):
-            raise ValueError(f"train.init_from: {path} does not fit this model at {name}")
+            raise ConfigError(f"train.init_from: {path} does not fit this model at {name}")
         with gathered_for_writing([p]), torch.no_grad():
             p.copy_(state[name])
     say(f"initialised {len(own)} parameters from the release {path}")
