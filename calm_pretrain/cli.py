@@ -95,8 +95,16 @@ def cmd_release_info(args) -> int:
 def cmd_export(args) -> int:
     from calm_pretrain.release.from_checkpoint import export_checkpoint
 
+    eval_result = None
+    if args.eval_json:
+        import json
+
+        try:
+            eval_result = json.loads(open(args.eval_json).read())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--eval-json {args.eval_json}: not a readable `calm-pretrain eval --json` file ({e})")
     out, source = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, embed_ae=args.embed_ae,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, eval_result=eval_result)
     print(f"exported step {source['step']} of {source['checkpoint']} to {out}")
     return 0
 
@@ -127,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to save beside the weights (demo, llama3, or a directory)")
     p.add_argument("--embed-ae", help="for CALM: an autoencoder release to embed under ae_model.* (the one its "
                    "latents were encoded with)")
+    p.add_argument("--eval-json", help="the output of `calm-pretrain eval --json` to record in the model card")
     p.add_argument("--overwrite", action="store_true", help="replace an existing release of the same run "
                    "(a release of another model is never replaced)")
     p.set_defaults(func=cmd_export)

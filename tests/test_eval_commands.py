@@ -117,3 +117,21 @@ def test_bad_eval_input_is_one_clear_error(releases, tmp_path, capsys, args, mes
 def test_bad_generate_input_is_one_clear_error(releases, capsys, args, message):
     rc = cli_main(["generate", str(releases["root"] / "calm"), "--ae", str(releases["root"] / "ae"), *args])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_export_writes_a_model_card_with_the_eval_results(releases, tmp_path):
+    from calm_pretrain.release import export_state_dict
+
+    rc, result = _eval([releases["root"] / "transformer", "--data", releases["evalset"], "--block-tokens", 32],
+                       tmp_path)
+    assert rc == 0
+    model = releases["tr"]
+    out = export_state_dict(model.state_dict(), model.config, tmp_path / "carded", eval_result=result)
+    card = (out / "README.md").read_text()
+    assert "# transformer release" in card and "| layers | 1 |" in card
+    total = sum(p.numel() for p in model.parameters())  # the card's count against the module's own tensors
+    assert f"| total | {total:,} |" in card
+    assert f"| brier_1 | {result['scores']['brier_1']:.4f} |" in card
+    assert result["eval_set"]["ids_fingerprint"] in card and "calm-pretrain generate ." in card
+    plain = (releases["root"] / "calm" / "README.md").read_text()  # exported without an eval: says how to add one
+    assert "Not evaluated at export" in plain and "pass --ae DIR" in plain

@@ -110,7 +110,7 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_config, out_
                       tokenizer=None, *, ae_state_dict: Optional[Mapping[str, torch.Tensor]] = None,
                       ae_config: Optional[AutoencoderConfig] = None, dtype: Optional[torch.dtype] = None,
                       max_shard_bytes: Optional[int] = None, source: Optional[dict] = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, eval_result: Optional[dict] = None) -> Path:
     """Write a release of a consolidated state dict {our parameter name: tensor} with our model config.
 
     For a CALM model, ``ae_state_dict`` + ``ae_config`` embed the frozen autoencoder under ``ae_model.*``
@@ -158,10 +158,26 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_config, out_
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)
         weights = _write_safetensors(tmp, tensors, max_shard_bytes)
+        (tmp / "README.md").write_text(_card(cfg, source, ae_state, ae_config, eval_result))
         # Written last: the fingerprint covers config.json, the rest of this file and every weight file.
         sidecar[FINGERPRINT_KEY] = make_record(tmp, config_values, sidecar, weights)
         _write_json(tmp / SIDECAR_NAME, sidecar)
     return out_dir
+
+
+def _card(cfg, source, ae_state, ae_config, eval_result) -> str:
+    from calm_pretrain.models import count_config_parameters
+    from calm_pretrain.release.model_card import model_card
+
+    ae_fp = (source or {}).get("embedded_ae_fingerprint") or ((source or {}).get("data") or {}).get("ae_fingerprint")
+    if ae_fp is None and ae_state is not None:
+        from data_pipeline.ae_io import autoencoder_fingerprint
+        from calm_pretrain.models import build_model
+
+        ae = build_model(ae_config)
+        ae.load_state_dict(ae_state, strict=False)
+        ae_fp = autoencoder_fingerprint(ae)
+    return model_card(cfg, count_config_parameters(cfg), source, ae_fp, eval_result)
 
 
 def export_release(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *,

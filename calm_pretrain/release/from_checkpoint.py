@@ -81,7 +81,7 @@ def _run_fingerprint(state: dict) -> str:
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, tokenizer: Optional[str] = None,
                       embed_ae: Optional[str] = None, overwrite: bool = False,
-                      say: Callable[[str], None] = print) -> tuple[Path, dict]:
+                      say: Callable[[str], None] = print, eval_result: Optional[dict] = None) -> tuple[Path, dict]:
     """Consolidate a checkpoint (or a run directory's newest intact one) into the release `out`;
     returns (out, the recorded source)."""
     from calm_pretrain.release.export import export_state_dict
@@ -100,7 +100,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     sources = _data_sources(state, ckpt)
     source = {"checkpoint": str(ckpt.resolve()), "step": state["step"], "fallback": fallback,
               "run_directory": str(ckpt.resolve().parent.parent), "run_fingerprint": _run_fingerprint(state),
-              "data": sources}
+              "data": sources, "tokens": _tokens_seen(state)}
     tok = ae_state = ae_cfg = None
     if tokenizer:
         from data_pipeline.tokenizers import load_tokenizer
@@ -114,8 +114,17 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         ae_state, ae_cfg, source["embedded_ae_fingerprint"] = _embedded_ae(embed_ae, sources, ckpt)
     state_dict, model_cfg = consolidated_state_dict(ckpt)
     export_state_dict(state_dict, model_cfg, out, tok, ae_state_dict=ae_state, ae_config=ae_cfg, source=source,
-                      overwrite=overwrite)
+                      overwrite=overwrite, eval_result=eval_result)
     return out, source
+
+
+def _tokens_seen(state: dict) -> Optional[int]:
+    """Training tokens of a checkpoint: consumed samples × tokens per sample (None if not recorded)."""
+    cfg = state.get("config") or {}
+    try:
+        return int(state["consumed_samples"]) * int(cfg["data"]["seq_chunks"]) * int(cfg["model"].get("k", 1))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _embedded_ae(embed_ae: str, sources: Optional[dict], ckpt: Path):
