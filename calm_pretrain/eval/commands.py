@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from calm_pretrain.eval.source import (PUBLISHED_BLOCK_TOKENS, SourceError, eval_blocks, load_source,
-                                       published_eval_set, write_json)
+                                       published_eval_set)
+from data_pipeline.files import atomic_write_json
 
 SCORE_ROWS = [("brierlm", "BrierLM (x100)")] + [(f"brier_{n}", f"Brier-{n}") for n in range(1, 5)] + [
     ("energy_skill", "energy skill"), ("energy_score", "energy score (model)"),
@@ -66,7 +67,7 @@ def cmd_eval(args) -> int:
     print(_table(result))
     print(f"{eval_set['tokens']:,} tokens in {seconds:.1f} s ({eval_set['tokens'] / seconds:,.0f} tokens/s)")
     if args.json:
-        write_json(args.json, {"source": str(args.source), "arch": src.arch, "seed": args.seed, "eval_set": eval_set,
+        atomic_write_json(Path(args.json), {"source": str(args.source), "arch": src.arch, "seed": args.seed, "eval_set": eval_set,
                                "protocol": "published" if args.published else "custom", "seconds": seconds,
                                "scores": result})
         print(f"wrote {args.json}")

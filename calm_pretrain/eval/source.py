@@ -205,9 +205,3 @@ def eval_blocks(inputs: list[str], tokenizer, block_tokens: int, max_blocks: int
     return blocks, {"inputs": list(inputs), "tokenizer_fingerprint": tok_fp, "blocks": len(blocks),
                     "block_tokens": block_tokens, "tokens": len(blocks) * block_tokens,
                     "ids_fingerprint": digest.hexdigest()[:16]}
-
-
-def write_json(path: str, obj: dict) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
