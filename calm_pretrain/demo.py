@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -129,11 +130,11 @@ class EncodeSection:
 
 @dataclass
 class EvalSection:
-    blocks: int = 32  # held-out blocks of eval.block_tokens (from the CALM stage config) for BrierLM
+    blocks: int = 32  # held-out blocks of eval.block_tokens (from the CALM stage config) for BrierLM; 0: all
 
     def validate(self, p: str) -> None:
-        if self.blocks < 1:
-            raise ConfigError(f"{p}.blocks: must be >= 1")
+        if self.blocks < 0:
+            raise ConfigError(f"{p}.blocks: must be >= 0 (0: every held-out block)")
 
 
 @dataclass
@@ -321,13 +322,6 @@ def load_trained(run_dir: Path):
     chatter = io.StringIO()  # DeepSpeed's consolidation prints its progress
     with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
         return trained_model(run_dir)
-
-
-def held_out_blocks(path: Path, n: int, batch: int = 8):
-    """`n` held-out samples spread over the set, in batches of `batch` (at least one batch)."""
-    from calm_pretrain.eval.source import heldout_blocks
-
-    return heldout_blocks(path, n, batch=min(batch, n))
 
 
 def _settings(stage: StageSection, cfg: RunConfig) -> dict:
@@ -542,11 +536,12 @@ def run_demo(run_dir: str | Path = "runs/demo", config: Optional[str | Path] = N
 
     def evaluate():
         from calm_pretrain.eval.heldout import evaluate_model
+        from calm_pretrain.eval.source import heldout_blocks
         from data_pipeline.ae_io import load_autoencoder
 
         ae = load_autoencoder(release / "ae")
-        blocks = held_out_blocks(data / "heldout", pipe.eval.blocks)
-        tr_blocks = blocks if tr_heldout == "heldout" else held_out_blocks(data / tr_heldout, pipe.eval.blocks)
+        blocks = heldout_blocks(data / "heldout", pipe.eval.blocks, batch=8)
+        tr_blocks = blocks if tr_heldout == "heldout" else heldout_blocks(data / tr_heldout, pipe.eval.blocks, batch=8)
         calm = evaluate_model(load_trained(run / "calm"), blocks, ae=ae)
         tr = evaluate_model(load_trained(run / "transformer"), tr_blocks)
         (run / "eval.json").write_text(json.dumps({"calm": calm, "transformer": tr}, indent=1))
@@ -640,7 +635,9 @@ def results_table(calm: dict, tr: dict, flops: dict) -> str:
     """CALM and the Transformer side by side: training compute, BrierLM, Brier-1..4 (± standard error)
     and CALM's energy skill, the score that shows whether it uses its context before BrierLM moves."""
     def pm(s: dict, key: str) -> str:
-        return f"{s[key]:+.4f} ± {s[key + '_se']:.4f}"
+        se = s[key + "_se"]  # enough decimals for two significant digits of the standard error
+        d = 4 if not 0 < se < 1e-4 else min(7, 1 - math.floor(math.log10(se)))
+        return f"{s[key]:+.{d}f} ± {se:.{d}f}"
     head = ["model", "train TFLOP", "BrierLM", *(f"Brier-{n}" for n in range(1, 5)), "energy skill"]
     rows = [[name, f"{flops[key] / 1e12:.1f}" if flops.get(key) else "?", f"{s['brierlm']:.2f}",
              *(pm(s, f"brier_{n}") for n in range(1, 5)), pm(s, "energy_skill") if "energy_skill" in s else "n/a"]

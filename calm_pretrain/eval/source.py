@@ -175,8 +175,8 @@ def heldout_blocks(path: str | os.PathLike, max_blocks: int = 0, block_tokens: O
         block_tokens = load_manifest(Path(path)).sample_tokens
     blocks = _subset([stream[i * block_tokens:(i + 1) * block_tokens] for i in range(stream.numel() // block_tokens)],
                      max_blocks)
-    return [torch.stack(blocks[i:i + batch]) for i in range(0, len(blocks) - batch + 1, batch)] or \
-        ([torch.stack(blocks)] if blocks else [])
+    # Batches of `batch` blocks; the last one holds the remainder, so every selected block is scored.
+    return [torch.stack(blocks[i:i + batch]) for i in range(0, len(blocks), batch)]
 
 
 def eval_blocks(inputs: list[str], tokenizer, block_tokens: int, max_blocks: int = 0,
