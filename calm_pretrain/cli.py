@@ -48,6 +48,8 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides)
     if args.exit_after_minutes is not None:
         overrides.append(f"train.exit_after_minutes={args.exit_after_minutes}")
+    if args.ae:
+        overrides.append(f"model.ae_path={args.ae}")
     return run_training(load_config(args.config, overrides))
 
 
@@ -57,7 +59,7 @@ def cmd_release_info(args) -> int:
     from calm_pretrain.release import ReleaseError, release_info
 
     try:
-        info = release_info(args.dir)
+        info = release_info(args.dir, args.ae)
     except ReleaseError as e:
         print(f"release error: {e}", file=sys.stderr)
         return 2
@@ -75,6 +77,8 @@ def cmd_release_info(args) -> int:
         n = info["embedded_ae_parameters"]
         print(f"    {'embedded autoencoder':<24} {n:>15,}  ({n / 1e6:8.1f}M, ae_model.*)")
     print(f"  tokenizer: {', '.join(info['tokenizer']) or 'none'}")
+    if "autoencoder" in info:
+        print("  autoencoder: " + _describe_autoencoder(info["autoencoder"]))
     print("  names and shapes match the config: " + ("yes" if info["shapes_match"] else f"NO: {info['problem']}"))
     fp = info["fingerprint"]
     print("  as exported (fingerprint of config and weights): " + {
@@ -90,6 +94,14 @@ def cmd_release_info(args) -> int:
     for key, value in info["config"].items():
         print(f"    {key}: {json.dumps(value)}")
     return 0 if info["consistent"] else 1
+
+
+def _describe_autoencoder(ae: dict) -> str:
+    if ae["source"] is None:
+        return f"NOT FOUND: {ae['problem']}"
+    where = {"--ae": f"--ae {ae['path']}", "ae_path": f"ae_path {ae['path']}", "embedded": "embedded (ae_model.*)"}
+    size = f", {ae['parameters'] / 1e6:.2f}M parameters" if ae.get("parameters") else ""
+    return f"{where[ae['source']]}: K={ae['k']}, latent {ae['latent_dim']}{size}; fits this CALM"
 
 
 def cmd_export(args) -> int:
@@ -124,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--exit-after-minutes", type=float, default=None,
                    help="save and exit with the requeue code after this wall-clock budget")
+    p.add_argument("--ae", help="CALM: the frozen autoencoder directory (model.ae_path), e.g. the one a published "
+                   "release given as train.init_from was trained with")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("launch", add_help=False,
                        help="torchrun that keeps the requeue code 75 and relays SIGTERM/SIGUSR1 to the workers: "
@@ -160,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("release-info", help="print the config and parameter count of a release directory")
     p.add_argument("dir", help="release directory (config.json + model.safetensors or pytorch_model.bin)")
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    p.add_argument("--ae", help="CALM: the autoencoder directory to check against it (when none is embedded)")
     p.set_defaults(func=cmd_release_info)
     return parser
 

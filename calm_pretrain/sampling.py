@@ -300,9 +300,9 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def generate(model, ae, prompt_ids, max_new_tokens: int, temperature: float, *, sampler: str = "batch",
              candidates: int = 200, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
              on_tokens: Optional[Callable[[list], None]] = None) -> tuple[list, int]:
-    """One prompt [T] → (prompt + continuation ids without pads, backbone steps taken), for a CALM (with
-    its `ae`) or a Transformer; `on_tokens(new ids)` streams each step's tokens (pads and anything
-    after EOS left out)."""
+    """Prompts [T] or [B, T] (rows of one length) → (prompt + continuation ids without pads, a list per
+    row for [B, T]; backbone steps taken), for a CALM (with its `ae`) or a Transformer. `on_tokens(new
+    ids)` streams row 0's tokens as each step chooses them (pads and anything after EOS left out)."""
     cfg = model.config
     steps, stopped = [0], [False]
 
@@ -325,4 +325,4 @@ def generate(model, ae, prompt_ids, max_new_tokens: int, temperature: float, *, 
     else:
         ids = generate_transformer(model, prompt_ids, max_new_tokens, temperature, generator=generator,
                                    top_p=top_p, on_chunk=on_chunk)
-    return ids.tolist(), steps[0]
+    return (ids.tolist() if torch.is_tensor(ids) else [row.tolist() for row in ids]), steps[0]

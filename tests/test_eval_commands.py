@@ -135,3 +135,96 @@ def test_export_writes_a_model_card_with_the_eval_results(releases, tmp_path):
     assert result["eval_set"]["ids_fingerprint"] in card and "calm-pretrain generate ." in card
     plain = (releases["root"] / "calm" / "README.md").read_text()  # exported without an eval: says how to add one
     assert "Not evaluated at export" in plain and "pass --ae DIR" in plain
+
+
+def test_release_info_finds_checks_and_reports_the_autoencoder(releases, tmp_path, capsys):
+    calm, ae = releases["root"] / "calm", releases["root"] / "ae"
+    assert cli_main(["release-info", str(calm)]) == 0
+    assert "autoencoder: NOT FOUND: not embedded and its ae_path '/nonexistent/" in capsys.readouterr().out
+    assert cli_main(["release-info", str(calm), "--ae", str(ae)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if "autoencoder:" in x][0]
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    n = sum(p.numel() for p in build_model(AutoencoderConfig(k=4, latent_dim=8, vocab_size=V, hidden_size=32,
+                                                             intermediate_size=48, **ids)).parameters())
+    assert f"--ae {ae}: K=4, latent 8, {n / 1e6:.2f}M parameters; fits" in line
+    other = perturbed(build_model(AutoencoderConfig(k=2, latent_dim=8, vocab_size=V, hidden_size=32,
+                                                    intermediate_size=48, **ids)))
+    export_release(other, tmp_path / "ae_k2")
+    assert cli_main(["release-info", str(calm), "--ae", str(tmp_path / "ae_k2")]) == 2
+    assert "the autoencoder has K=2, latent 8; the CALM" in capsys.readouterr().err
+    assert cli_main(["release-info", str(releases["root"] / "transformer"), "--ae", str(ae)]) == 2
+    assert "--ae applies to CALM releases" in capsys.readouterr().err
+
+
+def test_generate_batches_prompts_and_matches_unbatched_greedy_decoding(releases, tokenizer, capsys):
+    words = TEXT.split()
+    by_length: dict[int, list[str]] = {}
+    for i in range(len(words) - 1):
+        by_length.setdefault(len(tokenizer.encode(" ".join(words[i:i + 2]))), []).append(" ".join(words[i:i + 2]))
+    pair = next(v for v in by_length.values() if len(v) >= 2)[:2]  # two prompts of one length share a batch
+    prompts = [*pair, next(v[0] for v in by_length.values() if v[0] not in pair)]
+    lengths = [len(tokenizer.encode(p)) for p in prompts]
+    model = releases["tr"]
+    expected = []
+    with torch.no_grad():  # greedy decoding, one prompt at a time, the whole sequence re-read every step
+        for p in prompts:
+            ids = tokenizer.encode(p)
+            for _ in range(6):
+                nxt = int(model.logits(torch.tensor([ids]))[0, -1].argmax())
+                ids.append(nxt)
+                if nxt == model.config.eos_token_id:
+                    break
+            expected.append(tokenizer.decode([t for t in ids if t != model.config.pad_token_id]))
+    args = ["generate", str(releases["root"] / "transformer"), "--max-new-tokens", "6", "--temperature", "0"]
+    assert cli_main([*args, *(x for p in prompts for x in ("--prompt", p))]) == 0
+    out = capsys.readouterr()
+    texts = [line[len("[0] "):] for line in out.out.splitlines() if line.startswith("[0] ")]
+    assert texts == expected
+    assert f"3 continuations in {len(set(lengths))} batches" in out.err
+
+
+def test_generate_samples_a_calm_in_batches_of_the_requested_size(releases, capsys):
+    args = ["generate", str(releases["root"] / "calm"), "--ae", str(releases["root"] / "ae"), "--prompt",
+            "The module", "--max-new-tokens", "8", "--temperature", "1", "--num-samples", "4", "--seed", "1"]
+    assert cli_main([*args, "--batch-size", "4"]) == 0
+    out = capsys.readouterr()
+    rows = [line for line in out.out.splitlines() if line[:1] == "["]
+    assert [r[:4] for r in rows] == ["[0] ", "[1] ", "[2] ", "[3] "] and all("The module" in r for r in rows)
+    assert len(set(rows)) > 1, "four draws at T = 1 were all the same"
+    assert "4 continuations in 1 batches" in out.err
+    assert cli_main([*args, "--batch-size", "3"]) == 0
+    assert "4 continuations in 2 batches" in capsys.readouterr().err
+
+
+def test_a_run_continues_from_a_published_calm_release_given_its_autoencoder(releases, tmp_path, capsys):
+    import numpy as np
+
+    from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+    from data_pipeline.testing import write_latent_dataset
+
+    calm, ae_dir = releases["root"] / "calm", releases["root"] / "ae"
+    rng = np.random.default_rng(0)
+    n, chunks = 8, 8
+    ids, mu = rng.integers(3, V, (n, chunks * 4)), rng.standard_normal((n, chunks, 8)).astype(np.float32)
+    log_sigma = np.full((n, chunks, 8), -2.0, np.float32)
+    write_latent_dataset(tmp_path / "latents", ids, mu, log_sigma, k=4, vocab_size=V,
+                         ae_fingerprint=autoencoder_fingerprint(load_autoencoder(ae_dir)))
+    write_latent_dataset(tmp_path / "other", ids, mu, log_sigma, k=4, vocab_size=V, ae_fingerprint="0123456789abcdef")
+    model = [f"model.{k}={v}" for k, v in COMMON.items()]
+    base = ["train", "model.arch=calm", *model, "model.k=4", "model.latent_dim=8", "model.head.noise_size=8",
+            "model.head.num_blocks=1", "data.seq_chunks=8", "train.max_steps=1", "train.micro_batch_size=2",
+            "train.lr=1e-9", "train.warmup_steps=0", "train.wandb=off", f"train.init_from={calm}"]
+    assert cli_main([*base, f"data.train=[{tmp_path / 'latents'}]", f"train.output_dir={tmp_path / 'run0'}"]) == 2
+    assert "neither embeds nor records its autoencoder" in capsys.readouterr().err
+    assert cli_main(["train", "--ae", str(ae_dir), *base[1:], f"data.train=[{tmp_path / 'other'}]",
+                     f"train.output_dir={tmp_path / 'run1'}"]) != 0
+    assert "0123456789abcdef' but the run's config has autoencoder fingerprint" in capsys.readouterr().err
+    run = tmp_path / "run2"
+    assert cli_main(["train", "--ae", str(ae_dir), *base[1:], f"data.train=[{tmp_path / 'latents'}]",
+                     f"train.output_dir={run}"]) == 0
+    from calm_pretrain.release import import_release
+    from calm_pretrain.train.checkpoint import consolidated_state_dict
+
+    trained, _ = consolidated_state_dict(run)
+    for name, p in import_release(calm)[0].state_dict().items():  # one step at lr 1e-9: the release's weights
+        torch.testing.assert_close(trained[name], p, rtol=0, atol=1e-6)

@@ -96,6 +96,8 @@ def add_generate_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="Transformer: nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="continuations sampled together (prompts of one token length share a batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ae", help="the CALM's autoencoder directory (when the release does not embed one)")
     p.add_argument("--tokenizer", help="tokenizer (default: the one saved with the release)")
@@ -127,28 +129,52 @@ def cmd_generate(args) -> int:
     except SourceError as e:
         print(f"generate error: {e}", file=sys.stderr)
         return 2
+    if args.batch_size < 1 or args.num_samples < 1:
+        print("generate error: --batch-size and --num-samples must be >= 1", file=sys.stderr)
+        return 2
     gen = torch.Generator().manual_seed(args.seed)
     tok = src.tokenizer
+    encoded = [tok.encode(prompt) for prompt in prompts]
+    batches = _batches(encoded, args.num_samples, args.batch_size)
+    stream = len(batches) == 1 and len(batches[0]) == 1  # one continuation: print it as it is decoded
+    results: dict[tuple[int, int], list[int]] = {}
     total_new, steps, t0 = 0, 0, time.perf_counter()
-    for prompt in prompts:
-        ids = torch.tensor(tok.encode(prompt), dtype=torch.long)
-        for i in range(args.num_samples):
-            try:
-                out, backbone_steps = generate(src.model, src.ae, ids, args.max_new_tokens, args.temperature,
-                                               sampler=args.sampler, candidates=args.candidates,
-                                               top_p=args.top_p, generator=gen,
-                                               on_tokens=_streamer(tok, prompt if i == 0 else None))
-            except ValueError as e:
-                print(f"\ngenerate error: {e}", file=sys.stderr)
-                return 2
-            print(flush=True)
-            total_new += len(out) - len(ids)
-            steps += backbone_steps
+    for rows in batches:
+        ids = torch.tensor([encoded[p] for p, _ in rows], dtype=torch.long)
+        try:
+            outs, backbone_steps = generate(src.model, src.ae, ids, args.max_new_tokens, args.temperature,
+                                            sampler=args.sampler, candidates=args.candidates, top_p=args.top_p,
+                                            generator=gen,
+                                            on_tokens=_streamer(tok, prompts[rows[0][0]]) if stream else None)
+        except ValueError as e:
+            print(f"\ngenerate error: {e}", file=sys.stderr)
+            return 2
+        steps += backbone_steps * len(rows)  # each backbone step advances every row of the batch
+        for row, out in zip(rows, outs):
+            results[row] = out
+            total_new += len(out) - len(encoded[row[0]])
+    if stream:
+        print(flush=True)
+    else:
+        for p, prompt in enumerate(prompts):
+            print(f"### {prompt}")
+            for i in range(args.num_samples):
+                print(f"[{i}] {tok.decode(results[(p, i)])}", flush=True)
     seconds = time.perf_counter() - t0
+    rows = sum(len(b) for b in batches)
     per_token = f", {steps / max(total_new, 1):.2f} backbone steps per generated token" if src.arch == "calm" else ""
-    print(f"-- {total_new} new tokens in {seconds:.1f} s ({total_new / seconds:,.1f} tokens/s{per_token})",
-          file=sys.stderr)
+    print(f"-- {total_new} new tokens in {seconds:.1f} s ({total_new / seconds:,.1f} tokens/s{per_token}; "
+          f"{rows} continuations in {len(batches)} batches)", file=sys.stderr)
     return 0
+
+
+def _batches(encoded: list[list[int]], num_samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """(prompt index, sample index) rows grouped into batches of at most `batch_size`; a batch holds prompts
+    of one token length only, so no row carries padding the model would read as text."""
+    by_length: dict[int, list[tuple[int, int]]] = {}
+    for p, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).extend((p, i) for i in range(num_samples))
+    return [rows[i:i + batch_size] for rows in by_length.values() for i in range(0, len(rows), batch_size)]
 
 
 def _streamer(tok, prompt):

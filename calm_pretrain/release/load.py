@@ -121,10 +121,11 @@ def import_release_ae(path: str | os.PathLike, *, device: str | torch.device = "
     return _load_into(ae_cfg, ae_state, f"{source} ({AE_PREFIX}*)", ARCH_AE, device, dtype), ae_cfg
 
 
-def release_info(path: str | os.PathLike) -> dict:
+def release_info(path: str | os.PathLike, ae_dir: Optional[str] = None) -> dict:
     """What a release holds, without loading its weights (safetensors headers only): architecture,
-    config.json, our config, weight files, unique parameter counts, whether names and shapes match, and
-    whether config.json and the weights are the ones exported (fingerprint; the weight files are hashed)."""
+    config.json, our config, weight files, unique parameter counts, whether names and shapes match,
+    whether config.json and the weights are the ones exported (fingerprint; the weight files are hashed),
+    and for a CALM where its autoencoder comes from (`ae_dir`: --ae; see :func:`autoencoder_info`)."""
     from calm_pretrain.models import count_config_parameters
 
     d, values, sidecar, cfg_path, arch, cfg = _describe_config(path)
@@ -154,4 +155,57 @@ def release_info(path: str | os.PathLike) -> dict:
         fp["message"] = describe_mismatch(d, fp["problems"])
     info["source"] = (sidecar or {}).get("source")
     info["consistent"] = info["shapes_match"] and fp["status"] != "mismatch"
+    if isinstance(cfg, CALMConfig):
+        info["autoencoder"] = autoencoder_info(d, ae_dir)
+    elif ae_dir:
+        raise ReleaseError(f"{cfg_path}: --ae applies to CALM releases; this is a {arch} release")
     return info
+
+
+def recorded_ae_fingerprint(path: str | os.PathLike) -> Optional[str]:
+    """The fingerprint of the autoencoder a CALM release was trained with, as far as the release tells:
+    the one recorded at export (embedded copy, else the training latents' manifest), else that of an
+    embedded ae_model.* copy; None for a published-layout release that only names its ae_path."""
+    d, values, sidecar, _, arch, cfg = _describe_config(path)
+    if not isinstance(cfg, CALMConfig):
+        raise ReleaseError(f"{d / CONFIG_NAME}: a {arch} release has no autoencoder of its own")
+    src = (sidecar or {}).get("source") or {}
+    recorded = src.get("embedded_ae_fingerprint") or (src.get("data") or {}).get("ae_fingerprint")
+    if recorded:
+        return recorded
+    tensors, _ = read_release_tensors(d, header_only=True)
+    if not any(name.startswith(AE_PREFIX) for name in tensors):
+        return None
+    from data_pipeline.ae_io import autoencoder_fingerprint
+
+    return autoencoder_fingerprint(import_release_ae(d)[0])
+
+
+def autoencoder_info(path: str | os.PathLike, ae_dir: Optional[str] = None) -> dict:
+    """Where a CALM release's autoencoder comes from, in the order `eval` and `generate` look: `ae_dir`
+    (--ae), an embedded ae_model.* copy, the config's ae_path when it exists on this machine. A given
+    `ae_dir` that is no autoencoder, or whose K or latent size does not fit, is a ReleaseError."""
+    from calm_pretrain.models import count_config_parameters
+
+    d, values, sidecar, cfg_path, arch, cfg = _describe_config(path)
+    if not isinstance(cfg, CALMConfig):
+        raise ReleaseError(f"{cfg_path}: --ae applies to CALM releases; this is a {arch} release")
+    tensors, _ = read_release_tensors(d, header_only=True)
+    if ae_dir:
+        ae_d, _, _, ae_cfg_path, ae_arch, ae_cfg = _describe_config(ae_dir)
+        if not isinstance(ae_cfg, AutoencoderConfig):
+            raise ReleaseError(f"--ae {ae_dir}: {ae_cfg_path} describes a {ae_arch} model, not an autoencoder")
+        if (ae_cfg.k, ae_cfg.latent_dim) != (cfg.k, cfg.latent_dim):
+            raise ReleaseError(f"--ae {ae_dir}: the autoencoder has K={ae_cfg.k}, latent {ae_cfg.latent_dim}; "
+                               f"the CALM {d} needs K={cfg.k}, latent {cfg.latent_dim}")
+        found = {"source": "--ae", "path": str(ae_d), "k": ae_cfg.k, "latent_dim": ae_cfg.latent_dim,
+                 "parameters": count_config_parameters(ae_cfg)["total"]}
+    elif any(name.startswith(AE_PREFIX) for name in tensors):
+        found = {"source": "embedded", "path": str(d), "k": cfg.k, "latent_dim": cfg.latent_dim}
+    elif cfg.ae_path and (Path(cfg.ae_path) / CONFIG_NAME).is_file():
+        return autoencoder_info(path, cfg.ae_path) | {"source": "ae_path"}
+    else:
+        where = f"its ae_path {cfg.ae_path!r} does not exist here" if cfg.ae_path else "it names no ae_path"
+        return {"source": None, "problem": f"not embedded and {where}: pass --ae DIR"}
+    recorded = ((sidecar or {}).get("source") or {}).get("embedded_ae_fingerprint")
+    return found | {"recorded_fingerprint": recorded}

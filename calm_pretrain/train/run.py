@@ -124,7 +124,7 @@ def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Opt
     return evaluate
 
 
-def _init_from_release(model, path: str, say) -> None:
+def _init_from_release(model, path: str, say, cfg: RunConfig, ae: Optional[torch.nn.Module]) -> None:
     """Start from a release's weights (continued pretraining); a checkpoint of this run, when there is
     one, is loaded over them by the resume. Under ZeRO-3 each parameter is gathered while it is set."""
     from calm_pretrain.release import import_release
@@ -133,6 +133,8 @@ def _init_from_release(model, path: str, say) -> None:
     if released_cfg.arch != model.config.arch:
         raise ConfigError(f"train.init_from: {path} holds a {released_cfg.arch} release, the run trains "
                          f"{model.config.arch}")
+    if isinstance(released_cfg, CALMConfig):
+        _check_release_autoencoder(path, released_cfg, cfg, ae)
     state = released.state_dict()
     own = dict(model.named_parameters())
     for name, p in own.items():
@@ -141,6 +143,36 @@ def _init_from_release(model, path: str, say) -> None:
         with gathered_for_writing([p]), torch.no_grad():
             p.copy_(state[name])
     say(f"initialised {len(own)} parameters from the release {path}")
+
+
+def _check_release_autoencoder(path: str, released_cfg: CALMConfig, cfg: RunConfig,
+                               ae: Optional[torch.nn.Module]) -> None:
+    """A CALM continues only on latents of the autoencoder it was trained with: the one its release
+    records (or embeds), else, for a published release that only names a path on its authors' machine,
+    the one the user supplies as model.ae_path (`train --ae DIR`), whose latents the loader then checks."""
+    from calm_pretrain.release import ReleaseError
+    from calm_pretrain.release.load import recorded_ae_fingerprint
+    from data_pipeline.ae_io import autoencoder_fingerprint
+    from data_pipeline.manifest import load_manifest
+
+    try:
+        recorded = recorded_ae_fingerprint(path)
+    except ReleaseError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    if recorded is None:
+        if ae is None:
+            raise ConfigError(f"train.init_from: {path} is a CALM release that neither embeds nor records its "
+                              f"autoencoder (its ae_path: {released_cfg.ae_path!r}): set model.ae_path "
+                              "(calm-pretrain train --ae DIR) to the autoencoder it was trained with")
+        return
+    if ae is not None and autoencoder_fingerprint(ae) != recorded:
+        raise ConfigError(f"train.init_from: {path} was trained with autoencoder {recorded}; model.ae_path "
+                          f"{cfg.model.ae_path} is autoencoder {autoencoder_fingerprint(ae)}")
+    for shards in cfg.data.train:
+        encoded_by = load_manifest(shards).ae_fingerprint
+        if encoded_by != recorded:
+            raise ConfigError(f"train.init_from: {path} was trained on latents of autoencoder {recorded}; "
+                              f"data.train {shards} was encoded by {encoded_by}")
 
 
 def _layout(cfg: RunConfig, rank: int, world_size: int):
@@ -199,7 +231,7 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
         model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size) if use_deepspeed \
             else build_model(cfg.model)
     if cfg.train.init_from:
-        _init_from_release(model, cfg.train.init_from, say)
+        _init_from_release(model, cfg.train.init_from, say, cfg, ae)
     if cfg.parallel.tensor > 1:
         from calm_pretrain.parallel.tensor import apply_tensor_parallel
 
