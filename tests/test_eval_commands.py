@@ -228,3 +228,23 @@ def test_a_run_continues_from_a_published_calm_release_given_its_autoencoder(rel
     trained, _ = consolidated_state_dict(run)
     for name, p in import_release(calm)[0].state_dict().items():  # one step at lr 1e-9: the release's weights
         torch.testing.assert_close(trained[name], p, rtol=0, atol=1e-6)
+
+
+def test_eval_refuses_a_misfit_autoencoder_and_a_release_whose_config_and_weights_disagree(releases, tmp_path,
+                                                                                         capsys):
+    import shutil
+
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    other = perturbed(build_model(AutoencoderConfig(k=4, latent_dim=16, vocab_size=V, hidden_size=32,
+                                                    intermediate_size=48, **ids)))
+    export_release(other, tmp_path / "ae_d16")
+    rc, _ = _eval([releases["root"] / "calm", "--ae", tmp_path / "ae_d16", "--data", releases["evalset"]], tmp_path)
+    assert rc == 2 and "the autoencoder has K=4, latent 16; the CALM needs K=4, latent 8" in capsys.readouterr().err
+    bad = tmp_path / "transformer"
+    shutil.copytree(releases["root"] / "transformer", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 96  # the weights hold 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc, _ = _eval([bad, "--data", releases["evalset"], "--block-tokens", 32], tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "eval error" in err
