@@ -15,6 +15,11 @@ def test_tensor_parallel_run_matches_the_unsplit_run_and_exports_the_same_weight
     assert _run(cfg, split, world_size=2, extra=["parallel.tensor=2"]) == [0, 0], _log(split)
     log = _log(split)
     assert "tensor parallel: " in log and "tp 1/2 dp 0/1 pp 0/1" in log
+    import re  # the whole model's count, as the unsplit run reports it, and rank 0's share beside it
+
+    total = re.search(r"\] \w+, ([\d.]+)M parameters,", _log(flat)).group(1)
+    share = re.search(rf"\] \w+, {total}M parameters \(([\d.]+)M on rank 0 at TP 2 × PP 1\)", log)
+    assert share and float(share.group(1)) < float(total), log
     a, b = _losses(flat), _losses(split)
     assert [r[0] for r in b] == list(range(1, 7)) and a[0][1] != a[-1][1]
     for (_, x, gx), (_, y, gy) in zip(a, b):  # CALM: the replicated head draws the same noise on both ranks

@@ -72,3 +72,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-12, atol=1e-12)
+
+
+def test_harmless_library_warnings_are_filtered_by_message_only():
+    import warnings
+
+    from calm_pretrain.train.console import filter_harmless_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filter_harmless_warnings()
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.", UserWarning)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("Apex is broken in another way", UserWarning)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated", UserWarning)  # other category
+    assert [str(w.message) for w in seen] == ["Apex is broken in another way",
+                                             "`torch.distributed.all_gather_into_tensor` is deprecated"]

@@ -89,7 +89,20 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating trainer/bare rounds (with --bare)")
     p.add_argument("--bare", action="store_true", help="also time a bare PyTorch loop and report the ratio")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--sdpa", choices=["auto", "flash", "efficient", "math"], default="auto",
+                   help="restrict scaled_dot_product_attention to one kernel (flash: fails where it cannot run)")
     args = p.parse_args(argv)
+    if args.sdpa == "auto":
+        return _bench(args)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}[args.sdpa]
+    with sdpa_kernel(backend):
+        return _bench(args)
+
+
+def _bench(args) -> int:
 
     cfg = load_config(args.config, [*args.overrides, "train.wandb=off", f"train.log_every={10**6}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +129,8 @@ def main(argv=None) -> int:
               "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / step,
               "flops_per_token": flops, "peak_flops": peak, "peak_source": source,
               "mfu": tokens_per_step / step * flops / peak if peak else None,
-              "peak_memory_gb": peak_memory_gb(device), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+              "peak_memory_gb": peak_memory_gb(device), "sdpa": args.sdpa,
+              "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     if args.bare:
         bare = statistics.median(bare_times)
         result.update(bare_step_time_s=bare, trainer_over_bare=step / bare)

@@ -17,7 +17,8 @@ import torch
 
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, ConfigError, RunConfig, dump_config
 from calm_pretrain.flops import training_flops_per_token
-from calm_pretrain.models import build_model, count_parameters
+from calm_pretrain.train.console import filter_harmless_warnings
+from calm_pretrain.models import build_model
 from calm_pretrain.parallel.distributed import all_gather_object, shutdown
 from calm_pretrain.parallel.engine import (DeepSpeedEngine, TorchEngine, build_model_sharded, gathered_for_writing,
                                            init_distributed)
@@ -145,6 +146,19 @@ def _init_from_release(model, path: str, say, cfg: RunConfig, ae: Optional[torch
     say(f"initialised {len(own)} parameters from the release {path}")
 
 
+def _parameters_label(cfg: RunConfig, model: torch.nn.Module) -> str:
+    """The model's parameter count (from its config: tied weights once), and this rank's share when
+    tensor or pipeline parallelism splits it (ZeRO-3's partitioned tensors keep their full ds_numel)."""
+    from calm_pretrain.models import count_config_parameters
+
+    total = count_config_parameters(cfg.model)["total"]
+    label = f"{total / 1e6:.2f}M parameters"
+    if cfg.parallel.tensor * cfg.parallel.pipeline > 1:
+        held = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        label += f" ({held / 1e6:.2f}M on rank 0 at TP {cfg.parallel.tensor} × PP {cfg.parallel.pipeline})"
+    return label
+
+
 def _check_release_autoencoder(path: str, released_cfg: CALMConfig, cfg: RunConfig,
                                ae: Optional[torch.nn.Module]) -> None:
     """A CALM continues only on latents of the autoencoder it was trained with: the one its release
@@ -187,6 +201,7 @@ def _layout(cfg: RunConfig, rank: int, world_size: int):
 
 
 def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
+    filter_harmless_warnings()
     # Installed first: a preemption signal during start-up is then honoured at the first step boundary.
     stop = StopRequest(cfg.train.exit_after_minutes, log=log)
     session = WorkerSession(stop, log)  # under torchrun: stop when it is gone; report the exit code
@@ -221,8 +236,9 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
     # One line per rank: who it is, where it runs, and which groups it belongs to.
     line = (f"rank {rank}/{world_size} host {socket.gethostname()} pid {os.getpid()} device {device} "
             f"local_rank {os.environ.get('LOCAL_RANK', 0)} {coords.describe()}")
-    print(line, flush=True)
     ranks = all_gather_object(line)
+    for each in ranks:  # printed once, by rank 0, in rank order
+        say(each)
     check_data(cfg)  # before the model is built
 
     ae = load_frozen_autoencoder(cfg)
@@ -262,8 +278,8 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
     peak, peak_source = peak_flops(device, bf16, cfg.train.peak_flops)
     context = cfg.data.seq_chunks
     flops = training_flops_per_token(cfg.model, context).total
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    say(f"[{cfg.name}] {cfg.model.arch}, {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs/token; "
+    params = _parameters_label(cfg, model)
+    say(f"[{cfg.name}] {cfg.model.arch}, {params}, {flops / 1e6:.1f} MFLOPs/token; "
         f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source}); engine "
         f"{'DeepSpeed ZeRO-' + str(cfg.train.zero_stage) if use_deepspeed else 'torch'}; world size {world_size}")
 
@@ -296,6 +312,5 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
     if trainer.exit_reason == "preempted":
         say(f"[{cfg.name}] saved at step {trainer.step}; exiting with {REQUEUE_EXIT_CODE} so the job is requeued")
         return REQUEUE_EXIT_CODE
-    say(f"[{cfg.name}] finished: step {trainer.step}, {count_parameters(model)['total'] if not use_deepspeed else n_params:,}"
-        f" parameters, checkpoints in {out / 'checkpoints'}")
+    say(f"[{cfg.name}] finished: step {trainer.step}, {params}, checkpoints in {out / 'checkpoints'}")
     return 0
