@@ -163,8 +163,9 @@ def verify(path: str, out: Optional[TextIO] = None, progress: bool = True) -> li
         what = f"{base} (no manifest: checking the {len(entries)} finished-shard records)"
     print(f"verifying {len(entries)} shards of {what}", file=out)
     damaged = []
-    bar = tqdm(total=sum(e.bytes for e in entries), desc="verify", unit="B", unit_scale=True, disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    # The bar only on a terminal: in a log file its carriage-return redraws run into the per-shard lines.
+    bar = tqdm(total=sum(e.bytes for e in entries), desc="verify", unit="B", unit_scale=True,
+               disable=not progress or not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
     for e in entries:
         problem = verify_shard(base / e.file, e.bytes, e.sha256, e.num_samples)
         if problem is None and mp.is_file():

@@ -124,6 +124,20 @@ def test_truncated_shard_is_an_error_naming_it(dataset, tmp_path):
     assert verify(str(m.path.parent)) == ["tokens-00001.arrow"]
 
 
+def test_verify_into_a_log_file_writes_whole_lines_only(dataset, tmp_path):
+    import subprocess
+    import sys
+
+    m, _ = dataset
+    log = tmp_path / "verify.log"
+    with log.open("w") as f:  # stdout and stderr into one file, as a batch job's log is
+        subprocess.run([sys.executable, "-c", f"from data_pipeline.inspection import verify; verify({str(m.path.parent)!r})"],
+                       stdout=f, stderr=subprocess.STDOUT, check=True)
+    text = log.read_text()
+    assert "\r" not in text and "ok      tokens-00000.arrow" in text
+    assert all(line.startswith(("verifying", "  ok", "  DAMAGED", "0 damaged")) for line in text.splitlines()), text
+
+
 def test_bit_flips_never_give_a_silent_wrong_sample(dataset):
     """Flip one bit at each of many places: reading either fails with ShardError or returns the
     original samples exactly (a flip in padding or unused metadata)."""
