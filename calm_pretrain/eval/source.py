@@ -129,14 +129,8 @@ def published_eval_set() -> str:
     return path
 
 
-def _shard_stream_fingerprint(path: Path) -> Optional[str]:
-    from data_pipeline.manifest import load_manifest
-
-    return load_manifest(path).tokenizer_fingerprint
-
-
-def _shard_stream(path: Path, tokenizer) -> tuple[torch.Tensor, str]:
-    """All token ids of a shard directory in sample order, and the shards' tokenizer fingerprint."""
+def _shard_stream(path: Path, tokenizer):
+    """All token ids of a shard directory in sample order, and its manifest (read once)."""
     import numpy as np
 
     from data_pipeline.manifest import load_manifest
@@ -151,7 +145,7 @@ def _shard_stream(path: Path, tokenizer) -> tuple[torch.Tensor, str]:
     for entry in manifest.shards:  # in order: an lm-layout shard's samples are consecutive text
         with ShardReader(manifest.shard_path(entry), expected_bytes=entry.bytes, num_samples=entry.num_samples) as r:
             ids.append(torch.from_numpy(np.ascontiguousarray(r.read_samples(range(r.num_samples))["ids"])).long().flatten())
-    return torch.cat(ids), theirs
+    return torch.cat(ids), manifest
 
 
 def _subset(blocks: list, max_blocks: int, seed: int = 0) -> list:
@@ -168,15 +162,16 @@ def heldout_blocks(path: str | os.PathLike, max_blocks: int = 0, block_tokens: O
     """Held-out token shards → [batch, block_tokens] blocks (block_tokens: the shards' sample length),
     `max_blocks` of them spread over the set (0: all). The one way every evaluation reads token shards:
     the trainer's periodic eval, the main job, the sweep and `calm-pretrain eval`."""
-    stream, _ = _shard_stream(Path(path), tokenizer)
-    if block_tokens is None:
-        from data_pipeline.manifest import load_manifest
+    return _heldout_blocks(Path(path), max_blocks, block_tokens, batch, tokenizer)[0]
 
-        block_tokens = load_manifest(Path(path)).sample_tokens
+
+def _heldout_blocks(path: Path, max_blocks: int, block_tokens: Optional[int], batch: int, tokenizer):
+    stream, manifest = _shard_stream(path, tokenizer)
+    block_tokens = block_tokens or manifest.sample_tokens
     blocks = _subset([stream[i * block_tokens:(i + 1) * block_tokens] for i in range(stream.numel() // block_tokens)],
                      max_blocks)
     # Batches of `batch` blocks; the last one holds the remainder, so every selected block is scored.
-    return [torch.stack(blocks[i:i + batch]) for i in range(0, len(blocks), batch)]
+    return [torch.stack(blocks[i:i + batch]) for i in range(0, len(blocks), batch)], manifest
 
 
 def eval_blocks(inputs: list[str], tokenizer, block_tokens: int, max_blocks: int = 0,
@@ -185,8 +180,8 @@ def eval_blocks(inputs: list[str], tokenizer, block_tokens: int, max_blocks: int
     from data_pipeline.evalset import eval_blocks as text_blocks
 
     if len(inputs) == 1 and (Path(inputs[0]) / "manifest.json").is_file():
-        blocks = heldout_blocks(inputs[0], max_blocks, block_tokens, tokenizer=tokenizer)
-        tok_fp = _shard_stream_fingerprint(Path(inputs[0]))
+        blocks, manifest = _heldout_blocks(Path(inputs[0]), max_blocks, block_tokens, 1, tokenizer)
+        tok_fp = manifest.tokenizer_fingerprint
     else:
         if tokenizer is None:
             raise SourceError(f"{', '.join(inputs)}: text needs a tokenizer; the source has none saved with it: "
