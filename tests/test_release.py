@@ -182,6 +182,12 @@ def test_config_fields_beyond_the_reference_survive_and_config_json_wins(models,
     side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "fingerprint"}))
     with pytest.warns(release.ReleaseWarning, match="unverified"):
         assert import_release(tmp_path / "ae")[1].eos_token_id == 5
+    import warnings
+
+    with warnings.catch_warnings(record=True) as again:  # said once per release and process
+        warnings.simplefilter("always")
+        import_release(tmp_path / "ae")
+    assert not [w for w in again if issubclass(w.category, release.ReleaseWarning)]
 
 
 def test_calm_with_a_non_energy_head_round_trips_through_the_sidecar(models, tmp_path):

@@ -20,6 +20,17 @@ def unknown_config_keys(values: dict, arch: str) -> list[str]:
     return sorted(k for k in values if k not in known_config_keys(arch))
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per message and process: a command that reads a release several times (its CALM,
+    then its embedded AE) says it once. A different file or a changed release is a new message."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(ReleaseWarning(message), stacklevel=4)
+
+
 def verify_release(d: Path, values: dict, sidecar: Optional[dict], arch: str, *, warn: bool = True) -> dict:
     """{"status": "verified" | "unverified" | "mismatch", "problems": [...], "unknown_fields": [...]}.
     With `warn`, an unverified release and unknown config.json fields are reported as ReleaseWarnings."""
@@ -28,10 +39,10 @@ def verify_release(d: Path, values: dict, sidecar: Optional[dict], arch: str, *,
     status = "unverified" if problems is None else ("mismatch" if problems else "verified")
     unknown = unknown_config_keys(values, arch)
     if warn and status == "unverified":
-        warnings.warn(ReleaseWarning(f"{d}: {UNVERIFIED}"), stacklevel=3)
+        _warn_once(f"{d}: {UNVERIFIED}")
     if warn and unknown:
-        warnings.warn(ReleaseWarning(f"{d / CONFIG_NAME}: field(s) {', '.join(unknown)} are not read by calm_pretrain "
-                                     f"(ignored: a setting there has no effect)"), stacklevel=3)
+        _warn_once(f"{d / CONFIG_NAME}: field(s) {', '.join(unknown)} are not read by calm_pretrain "
+                   f"(ignored: a setting there has no effect)")
     return {"status": status, "problems": problems or [], "unknown_fields": unknown}
 
 
