@@ -19,6 +19,7 @@ gold positions ≤ i and their own track only (:class:`_ParallelRollout`).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Iterable, Optional
@@ -318,8 +319,13 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def evaluate_brier(model, blocks: Iterable[torch.Tensor], ae=None, max_n: int = 4,
-                   generator: Optional[torch.Generator] = None) -> dict:
+                   generator: Optional[torch.Generator] = None, draws: int = 1) -> dict:
     """BrierLM of ``model`` over token blocks ([T] or [B, T] tensors).
+
+    ``draws`` > 1 scores every block that many times with independent model samples and pools them:
+    each estimate is unbiased, so their mean is too, with less sampling noise (the noise that
+    dominates Brier-3 and Brier-4 of a weak model). The block stays the cluster of the standard
+    error: its totals are summed over the draws, not counted as new blocks.
 
     A CALM needs its autoencoder ``ae``; without one the model is scored as a discrete LM. A CALM
     block whose length is not a multiple of K loses its last partial chunk. The block size is part
@@ -336,11 +342,14 @@ def evaluate_brier(model, blocks: Iterable[torch.Tensor], ae=None, max_n: int = 
             ids = ids[:, : ids.shape[1] // model.k * model.k]
             if ids.shape[1] < 2 * model.k:
                 continue
-            scores = brier_calm(model, ae, ids, max_n, generator)
+            score = functools.partial(brier_calm, model, ae, ids, max_n, generator)
         else:
             if ids.shape[1] < 2:
                 continue
-            scores = brier_transformer(model, ids, max_n, generator)
+            score = functools.partial(brier_transformer, model, ids, max_n, generator)
+        scores = score()
+        for _ in range(draws - 1):  # the same block again: its per-block totals add up
+            scores = {key: v + w for (key, v), w in zip(scores.items(), score().values())}
         total = merge_scores(total, scores)
         sizes.add(ids.shape[1])
         num_blocks += ids.shape[0]
@@ -352,5 +361,6 @@ def evaluate_brier(model, blocks: Iterable[torch.Tensor], ae=None, max_n: int = 
         num_blocks=num_blocks,
         positions=[int(c) for c in total["count"]],
         scored_at="chunk starts" if ae is not None else "every token",
+        draws=draws,
     )
     return result

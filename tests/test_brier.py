@@ -317,3 +317,23 @@ def test_brier_transformer_runs_on_tiny_model():
     assert 0.0 <= res["brierlm"] <= 200.0
     # A near-uniform untrained model: Brier-1 ≈ 2/V − 1/V.
     assert res["brier_1"] == pytest.approx(1 / 16, rel=0.3)
+
+
+def test_pooled_draws_stay_unbiased_and_keep_the_block_as_the_cluster():
+    from calm_pretrain.brier import evaluate_brier
+
+    v, t, max_n = 3, 9, 4
+    q = random_chain(v, seed=5)
+    blocks = [torch.tensor(draw_chain(q, s % v, t, torch.Generator().manual_seed(10 + s)))[None] for s in range(6)]
+    exact = []  # brute force over every continuation, averaged over the scored (block, start) pairs
+    for n in range(1, max_n + 1):
+        vals = [exact_ngram_brier(q, 1, v, int(b[0, i]), b[0, i + 1:i + 1 + n].tolist(), n)
+                for b in blocks for i in range(t - n)]
+        exact.append(sum(vals) / len(vals))
+    one = evaluate_brier(MarkovLM(q), blocks, max_n=max_n, generator=torch.Generator().manual_seed(0))
+    many = evaluate_brier(MarkovLM(q), blocks, max_n=max_n, generator=torch.Generator().manual_seed(1), draws=400)
+    assert many["draws"] == 400 and many["num_blocks"] == one["num_blocks"] == 6
+    assert many["positions"] == [400 * c for c in one["positions"]]
+    for n in range(1, max_n + 1):
+        assert abs(many[f"brier_{n}"] - exact[n - 1]) < 0.02, (n, many[f"brier_{n}"], exact[n - 1])
+        assert abs(many[f"brier_{n}"] - exact[n - 1]) < 3 * many[f"brier_{n}_se"] + 1e-9

@@ -41,9 +41,10 @@ def reconstruction(ae, blocks, seed: int = 0, sigmas=NOISE_SIGMAS) -> dict:
 
 
 @torch.no_grad()
-def evaluate_model(model, blocks, ae=None, seed: int = 0) -> dict:
+def evaluate_model(model, blocks, ae=None, seed: int = 0, draws: int = 1) -> dict:
     """Every held-out score of `model` on token `blocks` ([B, T] or [T] tensors); a CALM needs its
-    frozen autoencoder `ae`. Same seed, same numbers."""
+    frozen autoencoder `ae`. Same seed, same numbers. `draws`: Brier-n from that many independent
+    sample draws per block (see brier.evaluate_brier)."""
     blocks = list(blocks)
     arch = model.config.arch
     if arch == "autoencoder":
@@ -53,7 +54,7 @@ def evaluate_model(model, blocks, ae=None, seed: int = 0) -> dict:
     if ae is not None:
         ae = ae.to(next(model.parameters()).device)
     scores = evaluate_brier(model, blocks, ae=ae if arch == "calm" else None,
-                            generator=torch.Generator().manual_seed(seed))
+                            generator=torch.Generator().manual_seed(seed), draws=draws)
     if arch == "calm":
         scores.update(calm_skill(model, ae, blocks, generator=torch.Generator().manual_seed(seed + 1)))
     return scores
