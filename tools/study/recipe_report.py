@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -69,6 +70,7 @@ def main() -> None:
                                 mfc="white", label=f"{m}, all {s['num_blocks']} blocks")
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("training FLOPs")
             ax.set_title(key.replace("_", "-").replace("energy-skill", "energy skill"))
         axes[-1].legend(fontsize=7)
