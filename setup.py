@@ -42,7 +42,7 @@ setup(
         "console_scripts": [
             "calm-pretrain=calm_pretrain.cli:main",
             "calm-data=data_pipeline.cli:main",
-            "calm-sweep=calm_pretrain.sweep:main",
+            "calm-sweep=calm_pretrain.sweep.cli:main",
         ]
     },
 )

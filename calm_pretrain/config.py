@@ -375,7 +375,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if tp in (list, typing.List) or origin in (list, typing.List):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]
@@ -412,7 +412,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
+def build_dataclass(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for name in values:
@@ -434,13 +434,13 @@ def _build_model(values: Any, key: str) -> Any:
     arch = values.get("arch", "calm")
     if arch not in MODEL_CONFIGS:
         raise ConfigError(f"{key}.arch: unknown architecture {arch!r}; known: {sorted(MODEL_CONFIGS)}")
-    return _build(MODEL_CONFIGS[arch], values, key)
+    return build_dataclass(MODEL_CONFIGS[arch], values, key)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading: YAML file(s) + dotted overrides
 # --------------------------------------------------------------------------------------------
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
@@ -467,7 +467,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def config_from_dict(tree: dict) -> RunConfig:
-    return _build(RunConfig, tree, "").validate()
+    return build_dataclass(RunConfig, tree, "").validate()
 
 
 def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -486,7 +486,7 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
         tree = loaded
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     _require_arch(tree, path)
     try:
         return config_from_dict(tree)

@@ -7,14 +7,12 @@
     python3 tools/sweep.py fit results/scaling.csv --out results/fit.json
     python3 tools/sweep.py plot results/scaling.csv --fit results/fit.json --out results/plots
 
-The implementation (and the sweep file format) is calm_pretrain/sweep.py.
+The same command line as `calm-sweep` and `python -m calm_pretrain.sweep` (the package installed, as
+`pip install -e .` does); the implementation and the sweep file format are in calm_pretrain/sweep/.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from calm_pretrain.sweep import main  # noqa: E402
+from calm_pretrain.sweep.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
