@@ -66,5 +66,16 @@ def format_summary(rows: list[dict]) -> str:
                  f"(stages run now and, for reused ones, when they ran)")
     for r in rows:
         if r.get("table"):
-            lines += ["", "held-out results at the same training compute (± one standard error):", r["table"]]
+            lines += ["", f"held-out results {_compute_note(r.get('train_flops') or {})} (± one standard error):",
+                      r["table"]]
     return "\n".join(lines)
+
+
+def _compute_note(flops: dict) -> str:
+    """Says "at the same training compute" only when it is (within 10%)."""
+    calm, tr = flops.get("calm"), flops.get("transformer")
+    if not (calm and tr):
+        return "(training compute unknown)"
+    if abs(calm / tr - 1) <= 0.1:
+        return "at the same training compute"
+    return f"(training compute differs: CALM {calm / tr:.2g}× the Transformer's)"

@@ -53,9 +53,11 @@ def _load_ae(path: str):
 def _calm_ae(cfg, where: Path, ae_dir: Optional[str], embedded_from: Optional[Path]):
     """--ae first, then an embedded copy (ae_model.* in the release), then the config's ae_path if it
     exists here; a published release's ae_path names the authors' machine, hence the --ae flag."""
+    from calm_pretrain.release.load import has_embedded_ae
+
     if ae_dir:
         ae = _load_ae(ae_dir)
-    elif embedded_from is not None and _has_embedded_ae(embedded_from):
+    elif embedded_from is not None and has_embedded_ae(embedded_from):
         from calm_pretrain.release import import_release_ae
 
         ae = import_release_ae(embedded_from)[0].eval()
@@ -69,13 +71,6 @@ def _calm_ae(cfg, where: Path, ae_dir: Optional[str], embedded_from: Optional[Pa
         raise SourceError(f"{where}: the autoencoder has K={c.k}, latent {c.latent_dim}; the CALM needs "
                           f"K={cfg.k}, latent {cfg.latent_dim}")
     return ae.requires_grad_(False)
-
-
-def _has_embedded_ae(release: Path) -> bool:
-    from calm_pretrain.release import read_release_tensors
-
-    tensors, _ = read_release_tensors(release, header_only=True)
-    return any(name.startswith("ae_model.") for name in tensors)
 
 
 def _tokenizer(spec: Optional[str], release: Optional[Path]):

@@ -163,22 +163,20 @@ def release_info(path: str | os.PathLike, ae_dir: Optional[str] = None) -> dict:
 
 
 def recorded_ae_fingerprint(path: str | os.PathLike) -> Optional[str]:
-    """The fingerprint of the autoencoder a CALM release was trained with, as far as the release tells:
-    the one recorded at export (embedded copy, else the training latents' manifest), else that of an
-    embedded ae_model.* copy; None for a published-layout release that only names its ae_path."""
+    """The fingerprint of the autoencoder a CALM release was trained with, as recorded at export (its
+    embedded copy's, else the training latents' manifest's); None when the release records none (the
+    published layout: see :func:`has_embedded_ae` for a copy whose fingerprint can be computed)."""
     d, values, sidecar, _, arch, cfg = _describe_config(path)
     if not isinstance(cfg, CALMConfig):
         raise ReleaseError(f"{d / CONFIG_NAME}: a {arch} release has no autoencoder of its own")
     src = (sidecar or {}).get("source") or {}
-    recorded = src.get("embedded_ae_fingerprint") or (src.get("data") or {}).get("ae_fingerprint")
-    if recorded:
-        return recorded
-    tensors, _ = read_release_tensors(d, header_only=True)
-    if not any(name.startswith(AE_PREFIX) for name in tensors):
-        return None
-    from data_pipeline.ae_io import autoencoder_fingerprint
+    return src.get("embedded_ae_fingerprint") or (src.get("data") or {}).get("ae_fingerprint")
 
-    return autoencoder_fingerprint(import_release_ae(d)[0])
+
+def has_embedded_ae(path: str | os.PathLike) -> bool:
+    """Whether a release's weights hold an autoencoder copy (ae_model.*); safetensors headers only."""
+    tensors, _ = read_release_tensors(Path(path), header_only=True)
+    return any(name.startswith(AE_PREFIX) for name in tensors)
 
 
 def autoencoder_info(path: str | os.PathLike, ae_dir: Optional[str] = None) -> dict:
@@ -190,7 +188,6 @@ def autoencoder_info(path: str | os.PathLike, ae_dir: Optional[str] = None) -> d
     d, values, sidecar, cfg_path, arch, cfg = _describe_config(path)
     if not isinstance(cfg, CALMConfig):
         raise ReleaseError(f"{cfg_path}: --ae applies to CALM releases; this is a {arch} release")
-    tensors, _ = read_release_tensors(d, header_only=True)
     if ae_dir:
         ae_d, _, _, ae_cfg_path, ae_arch, ae_cfg = _describe_config(ae_dir)
         if not isinstance(ae_cfg, AutoencoderConfig):
@@ -200,7 +197,7 @@ def autoencoder_info(path: str | os.PathLike, ae_dir: Optional[str] = None) -> d
                                f"the CALM {d} needs K={cfg.k}, latent {cfg.latent_dim}")
         found = {"source": "--ae", "path": str(ae_d), "k": ae_cfg.k, "latent_dim": ae_cfg.latent_dim,
                  "parameters": count_config_parameters(ae_cfg)["total"]}
-    elif any(name.startswith(AE_PREFIX) for name in tensors):
+    elif has_embedded_ae(d):
         found = {"source": "embedded", "path": str(d), "k": cfg.k, "latent_dim": cfg.latent_dim}
     elif cfg.ae_path and (Path(cfg.ae_path) / CONFIG_NAME).is_file():
         return autoencoder_info(path, cfg.ae_path) | {"source": "ae_path"}

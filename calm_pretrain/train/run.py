@@ -164,13 +164,15 @@ def _check_release_autoencoder(path: str, released_cfg: CALMConfig, cfg: RunConf
     """A CALM continues only on latents of the autoencoder it was trained with: the one its release
     records (or embeds), else, for a published release that only names a path on its authors' machine,
     the one the user supplies as model.ae_path (`train --ae DIR`), whose latents the loader then checks."""
-    from calm_pretrain.release import ReleaseError
-    from calm_pretrain.release.load import recorded_ae_fingerprint
+    from calm_pretrain.release import ReleaseError, import_release_ae
+    from calm_pretrain.release.load import has_embedded_ae, recorded_ae_fingerprint
     from data_pipeline.ae_io import autoencoder_fingerprint
     from data_pipeline.manifest import load_manifest
 
     try:
         recorded = recorded_ae_fingerprint(path)
+        if recorded is None and has_embedded_ae(path):
+            recorded = autoencoder_fingerprint(import_release_ae(path)[0])
     except ReleaseError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     if recorded is None:
