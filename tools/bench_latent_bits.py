@@ -27,7 +27,7 @@ Measured against the float32 posterior, on the same blocks and the same noise dr
 
 mu-only formats keep log_sigma float32 (and the other way round); ``combined`` rows store both.
 
-    python tools/bench_latent_bits.py --out docs/latent_bits.json            # the AEs of runs/ (slow)
+    python tools/bench_latent_bits.py --blocks 64 --out docs/latent_bits.json   # the AEs under runs/ (slow)
     python tools/bench_latent_bits.py --ae main=runs/demo_full/release/ae --blocks 8 --out /tmp/q.json
 
 torch runs with one thread; on a shared 2-core machine the time moves with the load (recorded).
@@ -51,7 +51,6 @@ import torch  # noqa: E402
 
 from data_pipeline.shards import TARGET_BATCH_BYTES, ZSTD_LEVEL, bf16_bits_to_f32, f32_to_bf16_bits  # noqa: E402
 
-RUNS = REPO.parent / "main" / "runs" if not (REPO / "runs").is_dir() else REPO / "runs"
 DEFAULT_AES = ["main=demo_full/release/ae", "k1-d16=study/release/k1-d16", "k2-d32=study/release/k2-d32",
                "k4-d16=study/release/k4-d16", "k4-d64-kl1e-2=study/release/k4-d64-kl1e-2"]
 # (mu format, log_sigma format): mu formats pair with float32 log_sigma, and the other way round.
@@ -273,8 +272,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ae", action="append", default=None, metavar="NAME=DIR",
                    help="autoencoder release/checkpoint directories (default: the main job's and the study's, "
-                        "under runs/)")
-    p.add_argument("--heldout", default=None, help="held-out token shards (default: runs/demo_full/data/heldout)")
+                        "under --runs)")
+    p.add_argument("--runs", default=str(REPO / "runs"), help="the runs directory the default --ae and --heldout are in")
+    p.add_argument("--heldout", default=None, help="held-out token shards (default: RUNS/demo_full/data/heldout)")
     p.add_argument("--blocks", type=int, default=128, help="held-out blocks per AE (0: all)")
     p.add_argument("--full", default="main", help="the AE that gets every format; the others get a short list")
     p.add_argument("--batch", type=int, default=32)
@@ -283,11 +283,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    heldout = Path(args.heldout) if args.heldout else RUNS / "demo_full" / "data" / "heldout"
+    runs = Path(args.runs)
+    heldout = Path(args.heldout) if args.heldout else runs / "demo_full" / "data" / "heldout"
     results = []
     for spec in args.ae or DEFAULT_AES:
         name, _, d = spec.partition("=")
-        path = Path(d) if Path(d).is_absolute() or Path(d).exists() else RUNS / d
+        path = Path(d) if Path(d).is_absolute() or Path(d).exists() else runs / d
         results.append(run_ae(name, path, heldout, args))
         Path(args.out).write_text(json.dumps(_doc(args, heldout, results), indent=1) + "\n")
     print(table(results))
