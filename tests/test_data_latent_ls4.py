@@ -82,7 +82,7 @@ def write_shard(path, n=23, seq_chunks=3, d=5, rows_per_batch=4, seed=2):
 
 def test_int8_ls4_shard_round_trip_against_the_reference(tmp_path):
     info, spec, ids, mu, ls = write_shard(tmp_path / "lat.arrow")  # L·d = 15: an odd number of nibbles
-    assert spec.row_bytes() == 12 * 2 + 4 + 15 + 3 * 2 + 8 + 2 * 3 * 2  # ids, crc, mu, its scales, codes, offsets, steps
+    assert spec.row_bytes() == 12 * 2 + 4 + 15 + 3 * 2 + 8 + 2 * 3 * 2  # ids, crc, mu, scales, codes, offsets, steps
     with ShardReader(info.path, expected_bytes=info.bytes) as r:
         assert r.spec == spec and r.columns == ["ids", "mu", "log_sigma", "mu_scale", "log_sigma_offset",
                                                 "log_sigma_scale"]

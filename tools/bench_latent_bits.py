@@ -27,7 +27,7 @@ Measured against the float32 posterior, on the same blocks and the same noise dr
 
 mu-only formats keep log_sigma float32 (and the other way round); ``combined`` rows store both.
 
-    python tools/bench_latent_bits.py --blocks 64 --out docs/latent_bits.json   # the AEs under runs/ (slow)
+    python tools/bench_latent_bits.py --runs runs --blocks 64 --out docs/latent_bits.json   # the AEs of runs/ (~30 min)
     python tools/bench_latent_bits.py --ae main=runs/demo_full/release/ae --blocks 8 --out /tmp/q.json
 
 torch runs with one thread; on a shared 2-core machine the time moves with the load (recorded).
@@ -57,7 +57,9 @@ DEFAULT_AES = ["main=demo_full/release/ae", "k1-d16=study/release/k1-d16", "k2-d
 MU_FORMATS = ["bf16"] + [f"sym{b}/{g}" for b in (8, 6, 5, 4, 3) for g in ("v", "16")] + ["sym4/8", "sym3/8"]
 LS_FORMATS = ["bf16", "sym8/v", "sym4/v"] + [f"asym{b}/{g}" for b in (8, 6, 4, 3, 2) for g in ("v", "16")]
 COMBINED = [("sym8/v", "sym8/v"), ("sym8/v", "asym4/v"), ("sym8/v", "asym3/v"), ("sym6/v", "asym4/v"),
-            ("sym6/16", "asym4/v"), ("sym5/16", "asym4/v"), ("sym4/16", "asym4/v"), ("bf16", "bf16")]
+            ("sym6/16", "asym4/v"), ("sym5/16", "asym4/v"), ("sym4/16", "asym4/v"), ("bf16", "bf16"),
+            # <= 30 bytes/token at K=4, d=128 (about 3.5 bits per value):
+            ("sym4/v", "asym3/v"), ("sym4/v", "asym2/v"), ("sym3/16", "asym3/v")]
 QUICK_MU = ["bf16", "sym8/v", "sym6/v", "sym6/16", "sym5/16", "sym4/16"]
 QUICK_LS = ["bf16", "sym8/v", "asym4/v", "asym3/v", "asym2/v"]
 QUICK_COMBINED = [("sym8/v", "sym8/v"), ("sym8/v", "asym4/v"), ("sym6/v", "asym4/v"), ("sym5/16", "asym4/v")]
@@ -227,6 +229,8 @@ def run_ae(name: str, path: Path, heldout: Path, args) -> dict:
     plan = ([(m, "f32") for m in (QUICK_MU if quick else MU_FORMATS)]
             + [("f32", s) for s in (QUICK_LS if quick else LS_FORMATS)]
             + list(QUICK_COMBINED if quick else COMBINED))
+    if args.combined:
+        plan = [(m, s) for m, s in args.combined]
     rows = []
     for i, (m, s) in enumerate(plan):
         rows.append(b.measure(m, s, seq_chunks, id_bytes))
@@ -273,10 +277,12 @@ def main(argv=None) -> int:
     p.add_argument("--ae", action="append", default=None, metavar="NAME=DIR",
                    help="autoencoder release/checkpoint directories (default: the main job's and the study's, "
                         "under --runs)")
-    p.add_argument("--runs", default=str(REPO / "runs"), help="the runs directory the default --ae and --heldout are in")
+    p.add_argument("--runs", default=str(REPO / "runs"), help="where the default --ae and --heldout are")
     p.add_argument("--heldout", default=None, help="held-out token shards (default: RUNS/demo_full/data/heldout)")
     p.add_argument("--blocks", type=int, default=128, help="held-out blocks per AE (0: all)")
     p.add_argument("--full", default="main", help="the AE that gets every format; the others get a short list")
+    p.add_argument("--combined", nargs="+", type=lambda v: tuple(v.split("+")), metavar="MU+LOG_SIGMA",
+                   help="only these combined formats, e.g. sym4/v+asym2/v")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
