@@ -75,6 +75,8 @@ def _demo_tokenizer(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from data_pipeline.latent_codec import LATENT_DTYPES
+
     p = argparse.ArgumentParser(prog="calm-data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("tokens", help="token shard directory")
     e.add_argument("--ae", required=True, help="autoencoder directory (config.json + model.safetensors)")
     e.add_argument("-o", "--output", required=True)
-    e.add_argument("--dtype", choices=["bf16", "int8"], default="bf16")
+    e.add_argument("--dtype", choices=list(LATENT_DTYPES), default="bf16",
+                   help="latent storage: bf16, int8 (mu and log_sigma), int8-ls4 (int8 mu, 4-bit log_sigma)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK, mps, cpu) or a torch device")
     e.add_argument("--no-progress", action="store_true")

@@ -2,7 +2,8 @@
 
 Per sample a latent shard holds the tokens [L·K] and, per chunk, the posterior mu and log_sigma [L, d]
 (not a sample: the energy loss draws its targets from the posterior at train time). Latents are stored
-as bf16 (default) or int8 with a per-vector scale (``dtype="int8"``, about half the bytes).
+as bf16 (default), int8 with a per-vector scale (``dtype="int8"``, about half the bytes) or int8 mu with
+4-bit log_sigma (``dtype="int8-ls4"``; data_pipeline/latent_codec.py).
 
 Runs as one process per GPU: under ``torchrun`` (or ``srun`` with RANK/WORLD_SIZE set) rank r encodes
 token shards r, r+W, r+2W, ... on device ``cuda:LOCAL_RANK``; the device is chosen at run time (CUDA,
@@ -41,7 +42,7 @@ from data_pipeline.manifest import (
     write_done,
     write_manifest,
 )
-from data_pipeline.shards import ShardReader, ShardSpec, ShardWriter
+from data_pipeline.shards import LATENT_DTYPES, ShardReader, ShardSpec, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class EncodeConfig:
     tokens: str  # token shard directory (manifest.json inside)
     ae: str  # autoencoder directory (config.json + model.safetensors)
     output: str
-    dtype: str = "bf16"  # bf16 | int8
+    dtype: str = "bf16"  # bf16 | int8 | int8-ls4 (data_pipeline/latent_codec.py)
     batch_size: int = 32  # samples per forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     rank: Optional[int] = None  # default: $RANK or 0
@@ -110,8 +111,8 @@ def latent_shard_name(i: int) -> str:
 
 def run_encode(cfg: EncodeConfig) -> Optional[Manifest]:
     """Encode this rank's shards; returns the manifest if every shard is now finished, else None."""
-    if cfg.dtype not in ("bf16", "int8"):
-        raise DataError(f"dtype must be 'bf16' or 'int8', got {cfg.dtype!r}")
+    if cfg.dtype not in LATENT_DTYPES:
+        raise DataError(f"dtype must be one of {', '.join(LATENT_DTYPES)}, got {cfg.dtype!r}")
     rank, world = dist_rank_world(cfg.rank, cfg.world_size)
     device = resolve_device(cfg.device)
     tm = load_manifest(cfg.tokens)

@@ -23,7 +23,7 @@ an LRU of bounded size, so memory stays bounded however large the data. A backgr
 the next ``prefetch`` micro-batches. Every row's CRC32 is checked on read (see shards.py).
 
 Batches are dicts of CPU tensors: ``ids`` int64 [b, L·K]; for latent shards also ``mu`` and
-``log_sigma`` float32 [b, L, d] (upcast from bf16/int8). With ``return_index=True`` also ``dataset``,
+``log_sigma`` float32 [b, L, d] (upcast from the stored dtype). With ``return_index=True`` also ``dataset``,
 ``index`` (sample index in its dataset) and ``epoch`` (that dataset's epoch), int64 [b].
 """
 from __future__ import annotations

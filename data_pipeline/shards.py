@@ -7,15 +7,18 @@ column             type                                        in
 =================  ==========================================  ==============================
 ``ids``            fixed_size_list<uint16 | int32>[T]          token and latent shards
 ``mu``             fixed_size_list<uint16 (bf16 bits)>[L·d]    latent shards, dtype bf16
-                   fixed_size_list<int8>[L·d]                  latent shards, dtype int8
-``log_sigma``      as ``mu``                                   latent shards
-``mu_scale``       fixed_size_list<float16>[L]                 int8 only: one scale per vector
-``log_sigma_scale`` as ``mu_scale``                            int8 only
+                   fixed_size_list<int8>[L·d]                  latent shards, dtype int8, int8-ls4
+``log_sigma``      as ``mu``                                   latent shards, dtype bf16, int8
+                   fixed_size_list<uint8>[ceil(L·d/2)]         int8-ls4: 4-bit codes, two per byte
+``mu_scale``       fixed_size_list<float16>[L]                 int8, int8-ls4: one scale per vector
+``log_sigma_scale`` as ``mu_scale``                            int8; int8-ls4 (the 4-bit step)
+``log_sigma_offset`` as ``mu_scale``                           int8-ls4 only (the 4-bit offset)
 ``crc``            uint32: CRC32 of the row's stored bytes     all
 =================  ==========================================  ==============================
 
 Token ids are uint16 when the vocabulary fits (≤ 65536 ids), int32 otherwise. The 8-bit option stores each
-d-dimensional vector as int8 with a symmetric per-vector scale (absmax / 127, float16).
+d-dimensional vector as int8 with a symmetric per-vector scale (absmax / 127, float16); ``int8-ls4`` keeps
+mu so and stores log_sigma in 4 bits with a per-vector offset and step (data_pipeline/latent_codec.py).
 
 Record batches hold about :data:`TARGET_BATCH_BYTES` of raw data, so reading one sample at random
 decompresses little; the file is memory-mapped. Every row carries a CRC32 checked on every read, so a
@@ -39,13 +42,24 @@ import pyarrow as pa
 
 from data_pipeline.errors import ShardError
 from data_pipeline.files import fsync_dir, fsync_file, sha256_file, tmp_path_for
+from data_pipeline.latent_codec import (  # noqa: F401 - re-exported: the shard format's latent storage
+    LATENT_DTYPES,
+    bf16_bits_to_f32,
+    decode_tensor,
+    dequantize_int8,
+    encode_tensor,
+    f32_to_bf16_bits,
+    metadata_columns,
+    quantize_int8,
+    tensor_columns,
+    tensor_row_bytes,
+)
 
 FORMAT = "calm-shard"
 VERSION = 1
 TARGET_BATCH_BYTES = 128 * 1024
 ZSTD_LEVEL = 3
 TOKEN_DTYPES = {"uint16": np.uint16, "int32": np.int32}
-LATENT_DTYPES = ("bf16", "int8")
 
 
 def token_dtype_for(vocab_size: int) -> str:
@@ -61,7 +75,7 @@ class ShardSpec:
     token_dtype: str  # "uint16" | "int32"
     k: int
     latent_dim: int = 0
-    latent_dtype: str = ""  # "bf16" | "int8" (latents only)
+    latent_dtype: str = ""  # one of LATENT_DTYPES (latents only)
 
     def __post_init__(self):
         if self.kind not in ("tokens", "latents"):
@@ -84,10 +98,8 @@ class ShardSpec:
     def row_bytes(self) -> int:
         n = self.sample_tokens * np.dtype(TOKEN_DTYPES[self.token_dtype]).itemsize + 4
         if self.is_latent:
-            per = 2 if self.latent_dtype == "bf16" else 1
-            n += 2 * self.seq_chunks * self.latent_dim * per
-            if self.latent_dtype == "int8":
-                n += 2 * self.seq_chunks * 2
+            n += sum(tensor_row_bytes(self.latent_dtype, name, self.seq_chunks, self.latent_dim)
+                     for name in ("mu", "log_sigma"))
         return n
 
     def default_rows_per_batch(self) -> int:
@@ -97,15 +109,16 @@ class ShardSpec:
         t = self.sample_tokens
         fields = [pa.field("ids", pa.list_(pa.from_numpy_dtype(TOKEN_DTYPES[self.token_dtype]), t))]
         if self.is_latent:
-            n = self.seq_chunks * self.latent_dim
-            store = pa.uint16() if self.latent_dtype == "bf16" else pa.int8()
-            fields += [pa.field("mu", pa.list_(store, n)), pa.field("log_sigma", pa.list_(store, n))]
-            if self.latent_dtype == "int8":
-                fields += [pa.field("mu_scale", pa.list_(pa.float16(), self.seq_chunks)),
-                           pa.field("log_sigma_scale", pa.list_(pa.float16(), self.seq_chunks))]
+            fields += [pa.field(c, pa.list_(store, width)) for c, store, width in self._latent_columns()]
         fields.append(pa.field("crc", pa.uint32()))
         meta = {"format": FORMAT, "version": VERSION, "rows_per_batch": rows_per_batch, **asdict(self)}
         return pa.schema(fields, metadata={b"calm": json.dumps(meta).encode()})
+
+    def _latent_columns(self) -> list:
+        """(column, type, width) of mu then log_sigma; bf16 and int8 keep their original column order."""
+        cols = [c for name in ("mu", "log_sigma")
+                for c in tensor_columns(self.latent_dtype, name, self.seq_chunks, self.latent_dim)]
+        return sorted(cols, key=lambda c: c[0].endswith(("_scale", "_offset")))  # stable: payloads first
 
     @classmethod
     def from_schema(cls, schema: pa.Schema, where: str) -> tuple["ShardSpec", int]:
@@ -131,45 +144,10 @@ class ShardSpec:
 
 
 # --------------------------------------------------------------------------------------------
-# Latent storage: bf16 bits and per-vector int8
-# --------------------------------------------------------------------------------------------
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 (nearest, ties to even); returns the bits as uint16."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    bias = ((u >> 16) & 1) + np.uint32(0x7FFF)
-    return ((u + bias) >> 16).astype(np.uint16)
-
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x [..., d] float32 → (q int8 [..., d], scale float16 [...]) with x ≈ q · scale."""
-    x = np.asarray(x, dtype=np.float32)
-    absmax = np.abs(x).max(axis=-1)
-    scale = (absmax / 127.0).astype(np.float16)
-    if not np.isfinite(scale).all():
-        raise ValueError("latent values too large for an int8 scale in float16 (|x| > 8e6)")
-    s = scale.astype(np.float32)[..., None]
-    q = np.where(s > 0, np.rint(x / np.where(s > 0, s, 1.0)), 0.0)
-    return np.clip(q, -127, 127).astype(np.int8), scale
-
-
-def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale.astype(np.float32)[..., None]
-
-
-# --------------------------------------------------------------------------------------------
 # Rows: numpy arrays in their stored form, with a CRC per row
 # --------------------------------------------------------------------------------------------
 def _stored_columns(spec: ShardSpec) -> list[str]:
-    cols = ["ids"]
-    if spec.is_latent:
-        cols += ["mu", "log_sigma"]
-        if spec.latent_dtype == "int8":
-            cols += ["mu_scale", "log_sigma_scale"]
-    return cols
+    return ["ids"] + ([c for c, _, _ in spec._latent_columns()] if spec.is_latent else [])
 
 
 def row_crcs(arrays: dict, columns: list[str]) -> np.ndarray:
@@ -202,12 +180,7 @@ def encode_rows(spec: ShardSpec, ids: np.ndarray, mu: Optional[np.ndarray] = Non
             x = np.asarray(x, dtype=np.float32)
             if not np.isfinite(x).all():
                 raise ValueError(f"{name} holds non-finite values (is the autoencoder broken?)")
-            if spec.latent_dtype == "bf16":
-                out[name] = f32_to_bf16_bits(x).reshape(n, -1)
-            else:
-                q, s = quantize_int8(x)
-                out[name] = q.reshape(n, -1)
-                out[f"{name}_scale"] = np.ascontiguousarray(s)
+            out.update(encode_tensor(spec.latent_dtype, name, x))
     elif mu is not None or log_sigma is not None:
         raise ValueError("token shards hold no latents")
     return out
@@ -217,13 +190,8 @@ def decode_rows(spec: ShardSpec, stored: dict, rows) -> dict:
     """Stored arrays (a record batch) → selected samples: ids int64 [n, T]; mu, log_sigma float32 [n, L, d]."""
     out = {"ids": stored["ids"][rows].astype(np.int64)}
     if spec.is_latent:
-        shape = (-1, spec.seq_chunks, spec.latent_dim)
         for name in ("mu", "log_sigma"):
-            x = stored[name][rows]
-            if spec.latent_dtype == "bf16":
-                out[name] = bf16_bits_to_f32(x).reshape(shape)
-            else:
-                out[name] = dequantize_int8(x.reshape(shape), stored[f"{name}_scale"][rows])
+            out[name] = decode_tensor(spec.latent_dtype, name, stored, rows, spec.seq_chunks, spec.latent_dim)
     return out
 
 
@@ -389,6 +357,12 @@ class ShardReader:
             row = i * self.rows_per_batch + int(bad[0])
             raise ShardError(f"shard {self.path}: checksum mismatch in sample {row} (record batch {i}); "
                              f"the file is corrupted — run `calm-data verify` and re-make it")
+        meta = metadata_columns(self.spec.latent_dtype, self.spec.seq_chunks, self.spec.latent_dim)
+        for c in meta if self.spec.is_latent else []:
+            bad = np.nonzero(~np.isfinite(stored[c]).all(axis=1))[0]
+            if len(bad):  # the writer never stores one: a file made elsewhere, with matching checksums
+                raise ShardError(f"shard {self.path}: non-finite {c} in sample {i * self.rows_per_batch + int(bad[0])} "
+                                 f"(record batch {i}); not written by this code — re-make it")
         return stored
 
     def read_samples(self, rows) -> dict:
