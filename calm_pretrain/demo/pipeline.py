@@ -101,8 +101,10 @@ class EncodeSection:
     dtype: str = "bf16"
 
     def validate(self, p: str) -> None:
-        if self.dtype not in ("bf16", "int8"):
-            raise ConfigError(f"{p}.dtype: bf16 or int8, got {self.dtype!r}")
+        from data_pipeline.latent_codec import LATENT_DTYPES
+
+        if self.dtype not in LATENT_DTYPES:
+            raise ConfigError(f"{p}.dtype: one of {', '.join(LATENT_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass
