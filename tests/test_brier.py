@@ -12,7 +12,7 @@ from calm_pretrain.brier import (_ParallelRollout, _calm_estimates, _transformer
                                  brier_transformer, evaluate_brier, merge_scores, two_sample_brier)
 from calm_pretrain.config import load_config
 from calm_pretrain.models import build_model
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 # --------------------------------------------------------------------------------------------

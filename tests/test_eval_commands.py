@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from calm_pretrain.cli import main as cli_main
-from tests.tiny_models import perturbed, tiny_bpe
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig, TransformerConfig
 from calm_pretrain.models import build_model
 from calm_pretrain.release import export_release
+from tests.helpers.models import perturbed, tiny_bpe
 
 V = 300
 TEXT = ("The module provides functions for working with paths. The release layout of the published "

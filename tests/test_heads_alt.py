@@ -17,7 +17,7 @@ from calm_pretrain.config import ConfigError, HeadConfig, load_config
 from calm_pretrain.models import build_model
 from calm_pretrain.models.heads import HEADS, FlowHead, cosine_alphas_cumprod
 from calm_pretrain.sampling import generate_calm
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.test_heads import MIX_MEANS, MIX_STD, energy_distance, sample_mixture
 
 ALL_HEADS = ["energy", "flow", "diffusion", "gmm", "mse"]

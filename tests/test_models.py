@@ -1,9 +1,10 @@
 import pytest
 import torch
+import transformers
 
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig, TransformerConfig, load_config
 from calm_pretrain.models import build_model, count_config_parameters
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=4,
             max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -42,7 +43,6 @@ def test_published_parameter_counts():
 
 def test_backbone_matches_hf_llama():
     """Our Llama blocks against transformers' own LlamaModel with the same weights (an independent implementation)."""
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = TransformerConfig(**{**TINY, "num_kv_heads": 2})  # grouped-query attention
     ours = build_model(cfg).eval()

@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed import run_distributed_test
+from tests.helpers.ranks import run_distributed_test
 
 REL_TOL = 1e-5  # outputs, loss: ‖a − b‖ / ‖b‖ in fp32
 # Gradients: measured <= 1e-6 everywhere except CALM's attention q/k projections (~9e-6): their gradient

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed import run_distributed_test
+from tests.helpers.ranks import run_distributed_test
 
 GLOBAL_BATCH, STEPS = 8, 6
 
