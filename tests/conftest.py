@@ -17,9 +17,7 @@ from tests.helpers.skip_policy import NO_CUDA, NO_SHARED_DATA, install as instal
 
 
 def pytest_configure(config):
-    install_skip_policy(config)
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
-    config.addinivalue_line("markers", "slow: longer CPU test (still part of CI)")
+    install_skip_policy(config)  # markers gpu and slow: pytest.ini
 
 
 def pytest_collection_modifyitems(config, items):

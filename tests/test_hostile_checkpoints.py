@@ -190,6 +190,7 @@ def _plant(checkpoint: Path, rel: str, marker: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_a_checkpoint_file_with_a_malicious_reduce_is_refused_not_run(tmp_path, tokens):
     run, marker = tmp_path / "run", tmp_path / "PWNED"
     cfg = _config(tmp_path / "run.yaml", tokens, run, max_steps=2, zero_stage=1)
@@ -265,6 +266,7 @@ def _torchrun_env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
+@pytest.mark.slow
 def test_sigterm_under_the_launcher_ends_with_the_requeue_code(tmp_path, tokens):
     import signal
 
@@ -284,6 +286,7 @@ def test_sigterm_under_the_launcher_ends_with_the_requeue_code(tmp_path, tokens)
     assert verify_checkpoint(run / "checkpoints" / saved) is None
 
 
+@pytest.mark.slow
 def test_kill_9_of_torchrun_stops_its_workers(tmp_path, tokens):
     import signal
     import time
@@ -322,6 +325,7 @@ def test_a_refused_resume_leaves_config_and_ranks_as_they_were(tmp_path, tokens)
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.slow
 def test_resuming_with_the_other_engine_says_what_to_launch(tmp_path, tokens):
     plain, ds = tmp_path / "plain", tmp_path / "ds"
     plain_cfg = _config(tmp_path / "plain.yaml", tokens, plain, max_steps=2)

@@ -1,6 +1,7 @@
 """Tensor and pipeline parallelism through `calm-pretrain train` (real rank processes, gloo): TP=2
 reproduces the unsplit run and exports the same weights; TP=2 × PP=2 on 4 processes trains, stops and
 resumes to the same losses as a run straight through."""
+import pytest
 import torch
 
 from calm_pretrain.parallel.engine import _universal_copy
@@ -8,6 +9,7 @@ from calm_pretrain.train.checkpoint import consolidated_state_dict, resolve_chec
 from tests.helpers.runs import read_log, read_losses, run_train, train_config
 
 
+@pytest.mark.slow
 def test_tensor_parallel_run_matches_the_unsplit_run_and_exports_the_same_weights(tmp_path, data):
     flat, split = tmp_path / "flat", tmp_path / "split"
     assert run_train(train_config(tmp_path / "f.yaml", data, flat, max_steps=6), flat, world_size=1) == [0], read_log(flat)
@@ -31,6 +33,7 @@ def test_tensor_parallel_run_matches_the_unsplit_run_and_exports_the_same_weight
         assert torch.equal(merged, weight), name
 
 
+@pytest.mark.slow
 def test_tp2_pp2_trains_and_resumes(tmp_path, data):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ["parallel.tensor=2", "parallel.pipeline=2"]
@@ -65,6 +68,7 @@ def test_tp2_pp2_trains_and_resumes(tmp_path, data):
         torch.testing.assert_close(models[0].logits(ids), models[1].logits(ids), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_at_another_layout_continues_the_same_training(tmp_path, data):
     """One run, four layouts on two processes: TP=2 for steps 1-2, then PP=2, then plain DP=2, then TP=2
     again. Each resume converts the checkpoint (TP slices merged or split, pipeline names mapped to the

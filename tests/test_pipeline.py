@@ -10,6 +10,7 @@ from calm_pretrain.config import ConfigError, load_config
 from tests.helpers.runs import STEPS, read_log, read_losses, run_train, start_train, train_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["transformer", "calm"])
 def test_two_stages_match_one(tmp_path, data, arch):
     # Same global batch (micro 2 × accumulation 2, one data-parallel replica) with and without a pipeline.
@@ -33,6 +34,7 @@ def test_two_stages_match_one(tmp_path, data, arch):
         torch.testing.assert_close(sb[name], sa[name], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pipeline_resumes_bit_exact_after_sigkill(tmp_path, data):
     straight = tmp_path / "straight"
     cfg = train_config(tmp_path / "s.yaml", data, straight, arch="calm")

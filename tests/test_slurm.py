@@ -100,6 +100,7 @@ def test_scripts_parse_and_pass_shellcheck(script):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_two_nodes_signal_save_requeue_resume(tmp_path, tokens):
     """Slurm's warning signal to the batch shell → SIGUSR1 through srun to both ranks → checkpoint,
     exit 75 → scontrol requeue → the same job runs again and resumes. Paths with spaces throughout."""
@@ -136,6 +137,7 @@ def test_two_nodes_signal_save_requeue_resume(tmp_path, tokens):
     assert (run_dir / "slurm.log").read_text().count("requeueing job 4242") == 1
 
 
+@pytest.mark.slow
 def test_signal_while_the_ranks_start_still_requeues(tmp_path, tokens):
     """A signal during start-up: ranks still importing die of it (SIGUSR1's default action) and nothing is
     saved; ranks past `run_training`'s first line save at the first step boundary. Either way the job is

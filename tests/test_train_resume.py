@@ -14,6 +14,7 @@ from tests.helpers.seeds import draw_seed
 # `data` (tiny latent and token shards) is a fixture of tests/conftest.py.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [1, 3])
 def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, data, zero_stage):
     straight = tmp_path / "straight"
@@ -46,6 +47,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, data, zero_
     assert read_losses(killed) == reference, (seed, kill_at, stopped_at)  # bit for bit: losses and gradient norms
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_and_exits_with_the_requeue_code(tmp_path, data):
     straight = tmp_path / "straight"
     run_train(train_config(tmp_path / "s.yaml", data, straight, arch="transformer"), straight)
@@ -68,6 +70,7 @@ def test_sigusr1_saves_and_exits_with_the_requeue_code(tmp_path, data):
     assert read_losses(run) == read_losses(straight)
 
 
+@pytest.mark.slow
 def test_exit_after_minutes_and_refusals(tmp_path, data):
     run = tmp_path / "run"
     cfg = train_config(tmp_path / "r.yaml", data, run, arch="transformer", save_every=1000)
@@ -97,6 +100,7 @@ def test_exit_after_minutes_and_refusals(tmp_path, data):
     assert "the training data changed since it was saved" in read_log(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [1, 3])
 def test_resume_at_another_data_parallel_size(tmp_path, data, zero_stage):
     straight = tmp_path / "straight"
@@ -114,6 +118,7 @@ def test_resume_at_another_data_parallel_size(tmp_path, data, zero_stage):
         assert abs(x - y) < 1e-4 * abs(x), (a, b)
 
 
+@pytest.mark.slow
 def test_export_from_zero1_and_zero3_checkpoints_gives_the_same_model(tmp_path, data):
     import subprocess
     import sys
