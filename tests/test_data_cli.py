@@ -7,8 +7,9 @@ import pytest
 
 from data_pipeline.ae_io import save_autoencoder
 from data_pipeline.cli import main
-from data_pipeline.testing import tiny_ae_config, write_jsonl
-from tests.conftest import REPO
+from tests.helpers import REPO
+from tests.helpers.data import write_jsonl
+from tests.helpers.models import tiny_ae_config
 
 
 @pytest.fixture(scope="module")

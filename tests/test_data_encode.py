@@ -1,8 +1,5 @@
 """Pre-encoding: the AE checkpoint directory, latent shards (bf16 / int8 / int8-ls4), ranks, compatibility checks."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +11,9 @@ from data_pipeline.errors import DataError, IncompatibleDataError
 from data_pipeline.loader import ShardLoader
 from data_pipeline.manifest import check_compatible, load_manifest
 from data_pipeline.shards import ShardReader
-from data_pipeline.testing import tiny_ae_config, write_token_dataset
-from tests.conftest import REPO
+from tests.helpers.data import write_token_dataset
+from tests.helpers.models import tiny_ae_config
+from tests.helpers.ranks import launch_ranks
 
 
 def make_ae(seed=0, **kw):
@@ -117,13 +115,9 @@ def test_encode_bf16_int8_and_int8_ls4(tmp_path, tokens, ae_dir):
 def test_encode_ranks_as_separate_processes(tmp_path, tokens, ae_dir):
     single = run_encode(EncodeConfig(tokens=str(tokens), ae=str(ae_dir), output=str(tmp_path / "one"),
                                      progress=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
-    cmd = [sys.executable, "-m", "data_pipeline.cli", "encode", str(tokens), "--ae", str(ae_dir), "-o",
-           str(tmp_path / "two"), "--device", "cpu", "--no-progress"]
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE)
-             for r in range(2)]
-    for p in procs:
-        assert p.wait(timeout=180) == 0, p.stderr.read().decode()[-2000:]
+    ranks = launch_ranks(2, ["encode", str(tokens), "--ae", str(ae_dir), "-o", str(tmp_path / "two"), "--device",
+                             "cpu", "--no-progress"], tmp_path / "logs", module="data_pipeline.cli")
+    ranks.wait(180)
     two = load_manifest(tmp_path / "two")
     assert [e.sha256 for e in two.shards] == [e.sha256 for e in single.shards]
     assert two.num_samples == 45 and two.ae_fingerprint == single.ae_fingerprint

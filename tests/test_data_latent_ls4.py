@@ -11,7 +11,7 @@ from data_pipeline.latent_codec import dequantize_uint4, pack_nibbles, quantize_
 from data_pipeline.loader import ShardLoader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.shards import ShardReader, ShardSpec, ShardWriter, encode_rows, row_crcs
-from data_pipeline.testing import write_latent_dataset
+from tests.helpers.data import write_latent_dataset
 
 
 def reference_uint4(x):

@@ -1,8 +1,5 @@
 """The loader: deterministic order, exactly-once epochs at any DP world size, exact resume, blending."""
 import json
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -12,8 +9,8 @@ import torch
 
 from data_pipeline.errors import DataError, ShardError
 from data_pipeline.loader import ShardLoader, permute
-from data_pipeline.testing import write_token_dataset
-from tests.conftest import REPO
+from tests.helpers.data import write_token_dataset
+from tests.helpers.ranks import launch_ranks
 
 T = 8  # tokens per sample (L=2, K=4)
 
@@ -238,10 +235,8 @@ ld.close()
 def test_real_processes_read_disjoint_parts(tmp_path):
     n = 48
     identity_dataset(tmp_path / "d", n)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "d"), str(r), "2", "4",
-                               str(tmp_path / f"r{r}.json")], env=env) for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
+    launch_ranks(2, lambda r: ["-c", WORKER, str(tmp_path / "d"), str(r), "2", "4", str(tmp_path / f"r{r}.json")],
+                 tmp_path / "logs", module=None).wait(120)
     res = [json.load(open(tmp_path / f"r{r}.json")) for r in range(2)]
     assert res[0]["state"] == res[1]["state"]
     all_ids = [x for r in res for b in r["batches"] for x in b]

@@ -19,7 +19,7 @@ from data_pipeline.shards import (
     quantize_int8,
     verify_shard,
 )
-from data_pipeline.testing import write_token_dataset
+from tests.helpers.data import write_token_dataset
 
 
 def test_token_shard_round_trip_and_random_access(tmp_path):

@@ -11,10 +11,10 @@ import pytest
 from data_pipeline.errors import InputError, ManifestError
 from data_pipeline.manifest import load_manifest, read_done
 from data_pipeline.shards import ShardReader
-from data_pipeline.testing import write_jsonl
 from data_pipeline.tokenize import TokenizeConfig, pack_ae, pack_lm, run_tokenize, split_long_text
 from data_pipeline.tokenizers import load_tokenizer
-from tests.conftest import REPO, SHARED_DATA
+from tests.helpers import REPO, SHARED_DATA
+from tests.helpers.data import write_jsonl
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -86,8 +86,8 @@ def test_split_long_text_keeps_the_ids(demo):
 
 
 def test_input_formats_give_identical_shards(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     docs = documents(150_000)
     write_jsonl(tmp_path / "a.jsonl", docs)

@@ -2,9 +2,10 @@
 import json
 
 import pytest
+import transformers
 
-from data_pipeline.testing import corpus_documents
 from data_pipeline.tokenizers import build_demo_tokenizer, demo_tokenizer_dir, load_tokenizer
+from tests.helpers.data import corpus_documents
 
 TEXT = ("The quick brown fox — naïve café, 12345 + 6.02e23; <|end_of_text|> is text here.\n\n"
         "def f(x):\n    return x ** 2  # 中文 ✓\r\n\tTabs   and   spaces  ")
@@ -36,7 +37,6 @@ def test_demo_tokenizer(demo_dir):
 
 
 def test_demo_directory_loads_with_autotokenizer(demo_dir):
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(demo_dir))
     ours = load_tokenizer(str(demo_dir))
     plain = TEXT.replace("<|end_of_text|>", "")

@@ -34,6 +34,7 @@ def demo(tmp_path_factory):
     return run, {row["stage"]: row for row in summary}, [row["stage"] for row in summary], logs
 
 
+@pytest.mark.slow
 def test_every_stage_runs_in_order_and_the_summary_matches_the_files(demo):
     run, rows, order, logs = demo
     assert order == STAGES
@@ -47,6 +48,7 @@ def test_every_stage_runs_in_order_and_the_summary_matches_the_files(demo):
         assert f"{rows[stage]['seconds']:.1f}s" in line and rows[stage]["metric"] in line
 
 
+@pytest.mark.slow
 def test_corpus_tokenizer_and_token_shards(demo):
     from data_pipeline.manifest import load_manifest
     from data_pipeline.tokenizers import load_tokenizer
@@ -66,6 +68,7 @@ def test_corpus_tokenizer_and_token_shards(demo):
         assert m.tokenizer_fingerprint == tok.fingerprint
 
 
+@pytest.mark.slow
 def test_autoencoder_stage_trains_evaluates_on_held_out_text_and_releases(demo):
     from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
     from data_pipeline.manifest import load_manifest
@@ -97,6 +100,7 @@ def test_autoencoder_stage_trains_evaluates_on_held_out_text_and_releases(demo):
     assert correct / total == pytest.approx(ae_row["accuracy"], abs=3 / total)
 
 
+@pytest.mark.slow
 def test_encode_and_the_two_language_models_ran_as_two_zero1_processes(demo):
     from data_pipeline.manifest import load_manifest
 
@@ -118,6 +122,7 @@ def test_encode_and_the_two_language_models_ran_as_two_zero1_processes(demo):
         assert row["train_tokens"] == 8 * 4 * 2 * 256
 
 
+@pytest.mark.slow
 def test_brierlm_samples_release_and_plot(demo):
     from calm_pretrain.cli import main as cli
 
@@ -144,6 +149,7 @@ def test_brierlm_samples_release_and_plot(demo):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_every_stage_and_refuses_changed_settings(demo):
     run, rows, _, _ = demo
     again = []

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from calm_pretrain.cli import main as cli_main
-from tests.tiny_models import perturbed, tiny_bpe
 from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig, TransformerConfig
 from calm_pretrain.models import build_model
 from calm_pretrain.release import export_release
+from tests.helpers.models import perturbed, tiny_bpe
 
 V = 300
 TEXT = ("The module provides functions for working with paths. The release layout of the published "
@@ -200,7 +200,7 @@ def test_a_run_continues_from_a_published_calm_release_given_its_autoencoder(rel
     import numpy as np
 
     from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
-    from data_pipeline.testing import write_latent_dataset
+    from tests.helpers.data import write_latent_dataset
 
     calm, ae_dir = releases["root"] / "calm", releases["root"] / "ae"
     rng = np.random.default_rng(0)

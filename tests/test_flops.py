@@ -6,7 +6,7 @@ from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig, Tran
 from calm_pretrain.flops import (autoencoder_decoder_forward, autoencoder_encoder_forward, energy_head_forward,
                                  inference_flops_per_token, training_flops_per_token)
 from calm_pretrain.models import build_model
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -10,7 +10,7 @@ import torch
 
 from calm_pretrain.config import CALMConfig, HeadConfig, TransformerConfig, load_config
 from calm_pretrain.models import build_model
-from tests.tiny_models import perturbed
+from tests.helpers.models import perturbed
 
 pytestmark = pytest.mark.gpu
 COMMON = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -64,7 +64,7 @@ def test_calm_hidden_states_and_head_samples_on_the_gpu():
 
 def test_the_trainer_runs_bf16_on_the_gpu(tmp_path):
     from calm_pretrain.train.run import run_training
-    from data_pipeline.testing import write_latent_dataset
+    from tests.helpers.data import write_latent_dataset
 
     rng = np.random.default_rng(0)
     write_latent_dataset(tmp_path / "latents", rng.integers(3, 4096, (32, 256)),

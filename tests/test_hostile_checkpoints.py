@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from calm_pretrain.train.checkpoint import verify_checkpoint
-from tests.distributed import launch_ranks, wait_ranks
+from tests.helpers.ranks import launch_ranks
 
 REQUEUE = 75
 
@@ -23,7 +23,7 @@ REQUEUE = 75
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
     """Token shards: 96 samples of 32 ids below 64 (k=1, the Transformer's)."""
-    from data_pipeline.testing import write_token_dataset
+    from tests.helpers.data import write_token_dataset
 
     root = tmp_path_factory.mktemp("tokens")
     write_token_dataset(root / "train", np.random.default_rng(0).integers(3, 64, (96, 32)), k=1)
@@ -135,8 +135,7 @@ def test_a_second_run_into_a_live_runs_directory_is_refused(tmp_path, tokens):
                                   f"{socket.gethostname()}, pid {holder.pid}, started "), message
         assert f"lock file {run / 'train.lock'}" in message and "\n" not in message
         # Under torchrun-style ranks: only rank 0 looks, every rank refuses alike.
-        procs = launch_ranks(2, ["train", "--config", str(cfg)], tmp_path / "logs")
-        assert wait_ranks(procs, 120) == [1, 1]
+        assert launch_ranks(2, ["train", "--config", str(cfg)], tmp_path / "logs").wait(120, expect=1) == [1, 1]
         for r in (0, 1):
             assert f"pid {holder.pid}" in (tmp_path / "logs" / f"rank{r}.log").read_text()
         assert sorted(p.name for p in run.iterdir()) == ["train.lock"]  # nothing written beside the lock
@@ -191,10 +190,11 @@ def _plant(checkpoint: Path, rel: str, marker: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_a_checkpoint_file_with_a_malicious_reduce_is_refused_not_run(tmp_path, tokens):
     run, marker = tmp_path / "run", tmp_path / "PWNED"
     cfg = _config(tmp_path / "run.yaml", tokens, run, max_steps=2, zero_stage=1)
-    assert wait_ranks(launch_ranks(2, ["train", "--config", str(cfg)], tmp_path / "logs"), 240) == [0, 0]
+    assert launch_ranks(2, ["train", "--config", str(cfg)], tmp_path / "logs").wait(240) == [0, 0]
     planted = _plant(run / "checkpoints" / "step_00000002", "engine/mp_rank_00_model_states.pt", marker)
     refusal = f"{planted}: refusing to load it: it holds a pickled object that is not one of the types"
 
@@ -206,8 +206,8 @@ def test_a_checkpoint_file_with_a_malicious_reduce_is_refused_not_run(tmp_path, 
     # Resume at the same layout (DeepSpeed's load_checkpoint, every rank) and at another one (through
     # the universal conversion, ds_to_universal): both refuse, neither runs the payload.
     for ranks, extra, logs in ((2, [], "same"), (1, ["train.grad_accum_steps=2"], "universal")):
-        codes = wait_ranks(launch_ranks(ranks, ["train", "--config", str(cfg), "train.max_steps=4", *extra],
-                                        tmp_path / logs), 240)
+        codes = launch_ranks(ranks, ["train", "--config", str(cfg), "train.max_steps=4", *extra],
+                             tmp_path / logs).wait(240, expect=1)
         log = "".join(p.read_text() for p in (tmp_path / logs).glob("rank*.log"))
         assert codes == [1] * ranks and f"error: {refusal}" in log, log
         assert not marker.exists()
@@ -266,6 +266,7 @@ def _torchrun_env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
+@pytest.mark.slow
 def test_sigterm_under_the_launcher_ends_with_the_requeue_code(tmp_path, tokens):
     import signal
 
@@ -285,6 +286,7 @@ def test_sigterm_under_the_launcher_ends_with_the_requeue_code(tmp_path, tokens)
     assert verify_checkpoint(run / "checkpoints" / saved) is None
 
 
+@pytest.mark.slow
 def test_kill_9_of_torchrun_stops_its_workers(tmp_path, tokens):
     import signal
     import time
@@ -323,12 +325,13 @@ def test_a_refused_resume_leaves_config_and_ranks_as_they_were(tmp_path, tokens)
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.slow
 def test_resuming_with_the_other_engine_says_what_to_launch(tmp_path, tokens):
     plain, ds = tmp_path / "plain", tmp_path / "ds"
     plain_cfg = _config(tmp_path / "plain.yaml", tokens, plain, max_steps=2)
     ds_cfg = _config(tmp_path / "ds.yaml", tokens, ds, max_steps=2)
     assert _train(plain_cfg).returncode == 0
-    assert wait_ranks(launch_ranks(1, ["train", "--config", str(ds_cfg)], tmp_path / "logs"), 240) == [0]
+    assert launch_ranks(1, ["train", "--config", str(ds_cfg)], tmp_path / "logs").wait(240) == [0]
 
     one = _train(ds_cfg, "train.max_steps=4")  # a DeepSpeed checkpoint in one plain process
     assert one.returncode == 1, one.stderr
@@ -336,8 +339,8 @@ def test_resuming_with_the_other_engine_says_what_to_launch(tmp_path, tokens):
         f"error: {ds / 'checkpoints' / 'step_00000002'}: written by DeepSpeed (world size 1), but this run is one "
         f"plain-PyTorch process: launch it under torchrun (calm-pretrain launch --standalone --nproc-per-node N -- "
         f"train ...; another N is converted) or srun")
-    codes = wait_ranks(launch_ranks(1, ["train", "--config", str(plain_cfg), "train.max_steps=4"],
-                                    tmp_path / "logs2"), 240)  # a plain checkpoint under torchrun
+    codes = launch_ranks(1, ["train", "--config", str(plain_cfg), "train.max_steps=4"],
+                         tmp_path / "logs2").wait(240, expect=1)  # a plain checkpoint under torchrun
     log = (tmp_path / "logs2" / "rank0.log").read_text()
     assert codes == [1] and "Traceback" not in log, log
     assert (f"error: {plain / 'checkpoints' / 'step_00000002'}: written by one plain-PyTorch process "
@@ -361,7 +364,7 @@ def test_train_without_data_fails_before_building_the_model(tmp_path, tokens):
 
 
 def test_held_out_shards_of_another_tokenizer_are_refused(tmp_path, tokens):
-    from data_pipeline.testing import write_token_dataset
+    from tests.helpers.data import write_token_dataset
 
     other = write_token_dataset(tmp_path / "held_out", np.random.default_rng(2).integers(3, 64, (8, 32)), k=1,
                                 tokenizer={"spec": "other", "type": "test", "fingerprint": "other-tokenizer",
@@ -379,7 +382,7 @@ def test_held_out_shards_of_another_tokenizer_are_refused(tmp_path, tokens):
 
 def test_nan_inside_a_crc_valid_latent_shard_is_named_when_its_step_is_skipped(tmp_path, monkeypatch):
     import data_pipeline.shards
-    from data_pipeline.testing import write_latent_dataset
+    from tests.helpers.data import write_latent_dataset
 
     rng = np.random.default_rng(0)
     n, chunks, k, d = 16, 8, 4, 16

@@ -18,7 +18,7 @@ import torch
 
 from calm_pretrain.cli import main as cli_main
 from calm_pretrain.release import ReleaseError, ReleaseWarning, export_release, import_release
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 V = 300  # vocabulary of the tokenizer, the autoencoder and CALM
 CALM_SMALL = [f"model.vocab_size={V}", "model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=1",
@@ -58,7 +58,8 @@ def world(tmp_path_factory):
     """tokenizer → token shards → AE release → latents (calm-data encode) → two CALM training runs."""
     from calm_pretrain.models import build_model
     from data_pipeline.cli import main as data_main
-    from data_pipeline.testing import tiny_ae_config, write_token_dataset
+    from tests.helpers.data import write_token_dataset
+    from tests.helpers.models import tiny_ae_config
 
     root = tmp_path_factory.mktemp("world")
     tok = _tokenizer(root / "tokenizer", "the release layout of the published checkpoints")
@@ -231,7 +232,7 @@ KILLED_EXPORT = textwrap.dedent("""
     import torch
     from calm_pretrain.models import build_model
     from calm_pretrain.release import directory, export_release
-    from data_pipeline.testing import tiny_ae_config
+    from tests.helpers.models import tiny_ae_config
 
     where = sys.argv[2]
     real_replace = os.replace

@@ -13,7 +13,7 @@ from calm_pretrain.config import load_config
 from calm_pretrain.models import build_model
 from calm_pretrain.sampling import (_bernoulli_power, batch_temperature_sample, exact_temperature_sample,
                                     generate_calm, generate_transformer)
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 P = [0.35, 0.25, 0.2, 0.12, 0.08]  # a toy black-box distribution over 5 outcomes
 OUTCOMES = ["a", "b", "c", "d", "e"]

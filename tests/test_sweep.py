@@ -4,12 +4,10 @@ stand-ins: AE training → export → encode → training job arrays → collect
 import json
 import math
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import sysconfig
 import time
 import zlib
 from pathlib import Path
@@ -22,7 +20,7 @@ import yaml
 from calm_pretrain.config import load_config
 from calm_pretrain.flops import inference_flops_per_token, training_flops_per_token
 from calm_pretrain.sweep import collect, fit, main, make_plan, plot, read_tables, write_tables
-from tests.conftest import REPO
+from tests.helpers import REPO, shellcheck
 
 STANDINS = REPO / "tests" / "slurm_standins"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -80,10 +78,8 @@ def test_scaling_plan_covers_k_and_sizes_with_stages_in_order(tmp_path):
     generated = [tmp_path / "plan" / f for f in ("submit.sh", "stages/export_ae.sbatch", "stages/eval.sbatch")]
     for script_path in generated:
         assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
-    shellcheck = shutil.which("shellcheck") or str(Path(sysconfig.get_path("scripts")) / "shellcheck")
-    if Path(shellcheck).is_file():
-        r = subprocess.run([shellcheck, "--severity=style", *map(str, generated)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([shellcheck(), "--severity=style", *map(str, generated)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
     # Re-planning needs --force; the heads sweep (base/grid/overrides only) still plans, without stages.
     with pytest.raises(ValueError, match="--force"):
@@ -151,7 +147,7 @@ def _valid_png(path: Path) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_through_slurm_standins(tmp_path):
-    from data_pipeline.testing import write_token_dataset
+    from tests.helpers.data import write_token_dataset
 
     rng = np.random.default_rng(0)
     data = tmp_path / "data"

@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed import run_distributed_test
+from tests.helpers.ranks import run_distributed_test
 
 REL_TOL = 1e-5  # outputs, loss: ‖a − b‖ / ‖b‖ in fp32
 # Gradients: measured <= 1e-6 everywhere except CALM's attention q/k projections (~9e-6): their gradient
@@ -202,6 +202,7 @@ def _check_cpu_shims(rank):
     assert not torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
 
 
+@pytest.mark.slow
 def test_tp2_matches_tp1_outputs_gradients_and_state_dict(tmp_path):
     out = tmp_path / "errors.json"
     run_distributed_test(_compare_models, 2, out)
@@ -351,6 +352,7 @@ def _check_history(path):
     return history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["transformer", "calm"])
 def test_zero1_tp2_training_matches_single_process(tmp_path, arch):
     out = tmp_path / "history.json"
@@ -363,6 +365,7 @@ def _rank_order_then_train(rank, world_size, out_path):
     _train(rank, world_size, "transformer", 2, out_path)
 
 
+@pytest.mark.slow
 def test_rank_order_and_zero1_tp2_dp2_training(tmp_path):
     """4 processes (started once for both: start-up is most of the cost on 2 cores): the rank order of
     megatron's groups against DeepSpeed's topology, then ZeRO-1 at TP=2 × DP=2 against one process."""

@@ -14,7 +14,7 @@ TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
-    from data_pipeline.testing import write_token_dataset
+    from tests.helpers.data import write_token_dataset
 
     root = tmp_path_factory.mktemp("tokens")
     write_token_dataset(root / "k1", np.random.default_rng(0).integers(3, 64, (32, 16)), k=1)
@@ -64,7 +64,8 @@ def test_calm_run_with_its_autoencoder_scores_brierlm_and_refuses_other_latents(
     from data_pipeline.ae_io import save_autoencoder
     from data_pipeline.encode import EncodeConfig, run_encode
     from data_pipeline.errors import IncompatibleDataError
-    from data_pipeline.testing import tiny_ae_config, write_token_dataset
+    from tests.helpers.data import write_token_dataset
+    from tests.helpers.models import tiny_ae_config
     from calm_pretrain.models import build_model
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.distributed import run_distributed_test
+from tests.helpers.ranks import run_distributed_test
 
 GLOBAL_BATCH, STEPS = 8, 6
 
@@ -63,6 +63,7 @@ def _train(rank, world_size, zero_stage, accum, out_path):
         out_path.write_text(json.dumps((losses / world_size).tolist()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_zero_matches_single_process(tmp_path, zero_stage):
     single, dist = tmp_path / "single.json", tmp_path / "dist.json"

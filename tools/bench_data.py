@@ -54,9 +54,10 @@ from data_pipeline.inspection import summary  # noqa: E402
 from data_pipeline.loader import ShardLoader  # noqa: E402
 from data_pipeline.manifest import load_manifest  # noqa: E402
 from data_pipeline.shards import ShardReader, ShardSpec, ShardWriter  # noqa: E402
-from data_pipeline.testing import corpus_documents, tiny_ae_config, train_autoencoder, write_jsonl  # noqa: E402
 from data_pipeline.tokenize import TokenizeConfig, _init_worker, _layout_params, pack_ae, run_tokenize, tokenize_unit  # noqa: E402,E501
 from data_pipeline.tokenizers import load_tokenizer  # noqa: E402
+from tests.helpers.data import corpus_documents, write_jsonl  # noqa: E402
+from tests.helpers.models import tiny_ae_config, train_autoencoder  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 

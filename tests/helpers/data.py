@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: small datasets written directly, tiny autoencoders, corpus slices."""
+"""Small datasets written directly (token and latent shards with their manifests, jsonl files) and
+corpus slices, for the tests and tools/bench_data.py."""
 from __future__ import annotations
 
 import io
@@ -38,16 +39,6 @@ def write_token_dataset(directory: str | Path, samples: np.ndarray, k: int = 4, 
     return m
 
 
-def tiny_ae_config(**overrides):
-    """A small AutoencoderConfig (demo vocabulary, pad 0, bos 1, eos 2)."""
-    from calm_pretrain.config import AutoencoderConfig
-
-    values = dict(k=4, latent_dim=16, vocab_size=4096, hidden_size=32, intermediate_size=64, num_encoder_layers=2,
-                  num_decoder_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    values.update(overrides)
-    return AutoencoderConfig(**values)
-
-
 def corpus_documents(path: str | Path, limit: int, skip: int = 0, field: str = "text") -> Iterator[str]:
     """The first `limit` documents (after `skip`) of a jsonl or jsonl.zst file, streamed."""
     path = Path(path)
@@ -77,30 +68,6 @@ def write_jsonl(path: str | Path, texts, field: str = "text", compress: bool = F
         data = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
     path.write_bytes(data)
     return path
-
-
-def train_autoencoder(ae, batches: np.ndarray, steps: int, lr: float = 2e-3, seed: int = 0,
-                      log_every: int = 0) -> list[float]:
-    """A plain AdamW loop on ae(ids).loss over random rows of `batches` [n, T]; returns the accuracies."""
-    import torch
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    ae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-    accs = []
-    for step in range(steps):
-        rows = rng.integers(0, len(batches), size=min(16, len(batches)))
-        out = ae(torch.from_numpy(batches[rows].astype(np.int64)))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
-        opt.step()
-        accs.append(float(out.accuracy))
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  ae step {step + 1}: loss {out.loss.item():.3f} acc {accs[-1]:.4f}", flush=True)
-    ae.eval().requires_grad_(False)
-    return accs
 
 
 def write_latent_dataset(directory: str | Path, ids: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray, k: int = 4,
