@@ -349,7 +349,8 @@ def evaluate_brier(model, blocks: Iterable[torch.Tensor], ae=None, max_n: int = 
             score = functools.partial(brier_transformer, model, ids, max_n, generator)
         scores = score()
         for _ in range(draws - 1):  # the same block again: its per-block totals add up
-            scores = {key: v + w for (key, v), w in zip(scores.items(), score().values())}
+            again = score()
+            scores = {key: v + again[key] for key, v in scores.items()}
         total = merge_scores(total, scores)
         sizes.add(ids.shape[1])
         num_blocks += ids.shape[0]

@@ -181,9 +181,10 @@ def _check_release_autoencoder(path: str, released_cfg: CALMConfig, cfg: RunConf
                               f"autoencoder (its ae_path: {released_cfg.ae_path!r}): set model.ae_path "
                               "(calm-pretrain train --ae DIR) to the autoencoder it was trained with")
         return
-    if ae is not None and autoencoder_fingerprint(ae) != recorded:
+    given = autoencoder_fingerprint(ae) if ae is not None else recorded
+    if given != recorded:
         raise ConfigError(f"train.init_from: {path} was trained with autoencoder {recorded}; model.ae_path "
-                          f"{cfg.model.ae_path} is autoencoder {autoencoder_fingerprint(ae)}")
+                          f"{cfg.model.ae_path} is autoencoder {given}")
     for shards in cfg.data.train:
         encoded_by = load_manifest(shards).ae_fingerprint
         if encoded_by != recorded:
