@@ -6,13 +6,20 @@ import pytest
 
 from tests.helpers.ranks import launch_ranks, run_distributed_test
 
-# Rank 1 fails at once; rank 0 would wait a minute (as a rank blocked in a collective does).
+# Rank 1 fails once rank 0 has started (so both have output to show); rank 0 would wait a minute (as a
+# rank blocked in a collective does). Without the wait, rank 0 could be killed before it printed a line.
 FAIL_ONE = r"""
-import os, sys, time
+import os, sys, tempfile, time
 rank = int(os.environ["RANK"])
+started = os.path.join(tempfile.gettempdir(), f"fail_one_{os.environ['MASTER_PORT']}_rank0")
 print(f"rank {rank} of {os.environ['WORLD_SIZE']} started, port {os.environ['MASTER_PORT']}", flush=True)
 if rank == 1:
+    for _ in range(200):
+        if os.path.exists(started):
+            break
+        time.sleep(0.05)
     sys.exit("rank 1 gives up")
+open(started, "w").close()
 time.sleep(60)
 """
 
