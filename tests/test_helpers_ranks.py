@@ -1,5 +1,6 @@
 """The rank helper itself (tests/helpers/ranks.py): one deadline for the whole group, every rank killed on
 the first failure or at the deadline, and every rank's output in the failure message."""
+import os
 import time
 
 import pytest
@@ -56,17 +57,24 @@ def test_expected_codes_and_per_rank_arguments(tmp_path):
     assert [ranks.output(r) for r in range(2)] == ["0\n", "1\n"]
 
 
-def _fails_on_rank_1(rank, world_size, message):
+def _fails_on_rank_1(rank, world_size, message, started):
+    # As FAIL_ONE: rank 1 fails only once rank 0 has printed, so both outputs exist to be shown.
     print(f"function rank {rank}/{world_size}", flush=True)
     if rank == 1:
+        for _ in range(400):
+            if os.path.exists(started):
+                break
+            time.sleep(0.05)
         raise ValueError(message)
+    open(started, "w").close()
     time.sleep(60)
 
 
 def test_run_distributed_test_reports_the_failing_rank_with_every_output(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(AssertionError) as e:
-        run_distributed_test(_fails_on_rank_1, 2, "no such thing", timeout=50, log_dir=tmp_path)
+        run_distributed_test(_fails_on_rank_1, 2, "no such thing", str(tmp_path / "rank0_started"),
+                             timeout=50, log_dir=tmp_path)
     assert time.monotonic() - t0 < 40
     msg = str(e.value)
     assert msg.startswith("rank 1 exited with 1 (expected 0)")
