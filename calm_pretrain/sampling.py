@@ -295,34 +295,3 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep_sorted = sorted_p.cumsum(-1) - sorted_p < top_p  # a token is kept if the mass before it is < top_p
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return probs * keep
-
-
-def generate(model, ae, prompt_ids, max_new_tokens: int, temperature: float, *, sampler: str = "batch",
-             candidates: int = 200, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             on_tokens: Optional[Callable[[list], None]] = None) -> tuple[list, int]:
-    """Prompts [T] or [B, T] (rows of one length) → (prompt + continuation ids without pads, a list per
-    row for [B, T]; backbone steps taken), for a CALM (with its `ae`) or a Transformer. `on_tokens(new
-    ids)` streams row 0's tokens as each step chooses them (pads and anything after EOS left out)."""
-    cfg = model.config
-    steps, stopped = [0], [False]
-
-    def on_chunk(chunk: torch.Tensor) -> None:
-        steps[0] += 1
-        if on_tokens is None or stopped[0]:
-            return
-        out = []
-        for t in chunk[0].tolist():
-            if t == cfg.pad_token_id:
-                continue
-            out.append(t)
-            if t == cfg.eos_token_id:
-                stopped[0] = True
-                break
-        on_tokens(out)
-    if ae is not None:
-        ids = generate_calm(model, ae, prompt_ids, max_new_tokens, temperature, num_candidates=candidates,
-                            generator=generator, sampler=sampler, on_chunk=on_chunk)
-    else:
-        ids = generate_transformer(model, prompt_ids, max_new_tokens, temperature, generator=generator,
-                                   top_p=top_p, on_chunk=on_chunk)
-    return (ids.tolist() if torch.is_tensor(ids) else [row.tolist() for row in ids]), steps[0]

@@ -1,7 +1,10 @@
 import pytest
 
-from calm_pretrain.config import (AutoencoderConfig, CALMConfig, ConfigError, TransformerConfig, load_config,
-                                  parse_override)
+from calm_pretrain.config import ConfigError, load_config
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig
+from calm_pretrain.models.transformer import TransformerConfig
+from calm_pretrain.schema import parse_override
 from tests.helpers import REPO
 
 

@@ -18,7 +18,7 @@ def pipeline(tmp_path_factory):
     import pydoc_data.topics as topics
     import torch
 
-    from calm_pretrain.models.autoencoder import Autoencoder
+    from calm_pretrain.models.autoencoder.model import Autoencoder
 
     d = tmp_path_factory.mktemp("cli")
     write_jsonl(d / "docs.jsonl.zst", [topics.topics[k] for k in sorted(topics.topics)[:60]], compress=True)

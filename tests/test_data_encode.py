@@ -17,7 +17,7 @@ from tests.helpers.ranks import launch_ranks
 
 
 def make_ae(seed=0, **kw):
-    from calm_pretrain.models.autoencoder import Autoencoder
+    from calm_pretrain.models.autoencoder.model import Autoencoder
 
     torch.manual_seed(seed)
     return Autoencoder(tiny_ae_config(**kw)).eval()

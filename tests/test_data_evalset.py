@@ -1,6 +1,8 @@
 import torch
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig, TransformerConfig
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
+from calm_pretrain.models.transformer import TransformerConfig
 from calm_pretrain.models import build_model
 from data_pipeline.evalset import brier_on_text, eval_blocks
 from data_pipeline.tokenizers import load_tokenizer

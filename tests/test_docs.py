@@ -257,7 +257,9 @@ def _fields(cls) -> dict:
 
 
 def _known_key(key: str) -> bool:
-    from calm_pretrain.config import MODEL_CONFIGS, HeadConfig, RunConfig
+    from calm_pretrain.config import RunConfig
+    from calm_pretrain.models import architectures
+    from calm_pretrain.models.calm import HeadConfig
     from calm_pretrain.demo import PipelineConfig
 
     def walk(cls, parts):
@@ -276,7 +278,7 @@ def _known_key(key: str) -> bool:
         rest = parts[1:]
         if rest[:1] == ["head"]:
             return walk(HeadConfig, rest[1:])
-        return any(walk(c, rest) for c in MODEL_CONFIGS.values())
+        return any(walk(c, rest) for c in (s.config for s in architectures().values()))
     if parts[0] in ("ae", "calm", "transformer"):  # the main job: a stage's run config
         return _known_key(".".join(parts[1:])) or walk(PipelineConfig, ["stages", *parts])
     return walk(RunConfig, parts) or walk(PipelineConfig, parts)

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from calm_pretrain.cli import main as cli_main
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig, TransformerConfig
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
+from calm_pretrain.models.transformer import TransformerConfig
 from calm_pretrain.models import build_model
 from calm_pretrain.release import export_release
 from tests.helpers.models import perturbed, tiny_bpe

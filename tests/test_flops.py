@@ -2,9 +2,13 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig, TransformerConfig, load_config
-from calm_pretrain.flops import (autoencoder_decoder_forward, autoencoder_encoder_forward, energy_head_forward,
-                                 inference_flops_per_token, training_flops_per_token)
+from calm_pretrain.config import load_config
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
+from calm_pretrain.models.transformer import TransformerConfig
+from calm_pretrain.models.autoencoder.flops import autoencoder_decoder_forward, autoencoder_encoder_forward
+from calm_pretrain.models.calm.flops import energy_head_forward
+from calm_pretrain.models.registry import inference_flops_per_token, training_flops_per_token
 from calm_pretrain.models import build_model
 from tests.helpers import REPO
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from calm_pretrain.config import CALMConfig, HeadConfig
-from calm_pretrain.flops import head_flops, inference_flops_per_token, training_flops_per_token
-from calm_pretrain.models.heads import HEADS, build_head, evals_per_sample
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
+from calm_pretrain.models.calm.flops import head_flops
+from calm_pretrain.models.registry import inference_flops_per_token, training_flops_per_token
+from calm_pretrain.models.calm.heads import build_head, evals_per_sample, HEADS
 
 SHAPE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, k=4, latent_dim=8)

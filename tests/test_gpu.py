@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from calm_pretrain.config import CALMConfig, HeadConfig, TransformerConfig, load_config
+from calm_pretrain.config import load_config
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
+from calm_pretrain.models.transformer import TransformerConfig
 from calm_pretrain.models import build_model
 from tests.helpers.models import perturbed
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from calm_pretrain.config import CALMConfig, HeadConfig
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
 from calm_pretrain.models import build_model
-from calm_pretrain.models.heads import head_init_std
+from calm_pretrain.models.calm.heads import head_init_std
 
 WIDTHS = (64, 128, 256, 1024)
 

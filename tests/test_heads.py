@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calm_pretrain.config import CALMConfig, HeadConfig
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
 from calm_pretrain.losses import energy_loss
 from calm_pretrain.models import build_model
-from calm_pretrain.models.heads import EnergyHead
+from calm_pretrain.models.calm.heads import EnergyHead
 
 
 def _head(hidden=32, latent=6, noise=8, blocks=2, dtype=torch.float64, seed=0, zero_output=False):

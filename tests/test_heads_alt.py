@@ -13,9 +13,11 @@ import yaml
 from scipy import special, stats
 
 from calm_pretrain.brier import brier_calm, brier_lm
-from calm_pretrain.config import ConfigError, HeadConfig, load_config
+from calm_pretrain.config import ConfigError, load_config
+from calm_pretrain.models.calm import HeadConfig
 from calm_pretrain.models import build_model
-from calm_pretrain.models.heads import HEADS, FlowHead, cosine_alphas_cumprod
+from calm_pretrain.models.calm.heads import FlowHead, HEADS
+from calm_pretrain.models.calm.iterative_heads import cosine_alphas_cumprod
 from calm_pretrain.sampling import generate_calm
 from tests.helpers import REPO
 from tests.helpers.brier import brier_by_hand

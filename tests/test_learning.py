@@ -10,7 +10,8 @@ import pydoc_data.topics
 import pytest
 import torch
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
 from calm_pretrain.models import build_model
 
 K, SEQ_CHUNKS, PAD, EOS, VOCAB = 4, 32, 256, 257, 258

@@ -2,7 +2,10 @@ import pytest
 import torch
 import transformers
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig, TransformerConfig, load_config
+from calm_pretrain.config import load_config
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig, HeadConfig
+from calm_pretrain.models.transformer import TransformerConfig
 from calm_pretrain.models import build_model, count_config_parameters
 from tests.helpers import REPO
 

@@ -189,7 +189,7 @@ def test_config_fields_beyond_the_reference_survive_and_config_json_wins(models,
 
 
 def test_calm_with_a_non_energy_head_round_trips_through_the_sidecar(models, tmp_path):
-    from calm_pretrain.models.heads import HEADS
+    from calm_pretrain.models.calm.heads import HEADS
 
     assert "mse" in HEADS, sorted(HEADS)  # registered in calm_pretrain/models/heads.py
     cfg = load_config(REPO / "configs/tiny/calm.yaml", SMALL + [

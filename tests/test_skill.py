@@ -107,7 +107,8 @@ def test_brier_standard_errors_per_position_and_clustered_by_block():
 def test_calm_skill_on_a_real_model_against_the_broadcast_formula():
     """calm_skill end to end (a real CALM and AE) against energy_loss_direct in float64 and an explicit
     decode, with the mse head (deterministic samples: its prediction) and a replay of the same draws."""
-    from calm_pretrain.config import AutoencoderConfig, CALMConfig, HeadConfig
+    from calm_pretrain.models.autoencoder import AutoencoderConfig
+    from calm_pretrain.models.calm import CALMConfig, HeadConfig
     from calm_pretrain.eval.skill import calm_skill
     from calm_pretrain.losses import energy_loss_direct
     from calm_pretrain.models import build_model

@@ -199,7 +199,7 @@ def test_sweep_job_array(tmp_path, tokens):
 def test_encode_two_nodes_is_idempotent(tmp_path):
     import torch
 
-    from calm_pretrain.models.autoencoder import Autoencoder
+    from calm_pretrain.models.autoencoder.model import Autoencoder
     from data_pipeline.ae_io import save_autoencoder
     from data_pipeline.manifest import load_manifest
     from tests.helpers.data import write_token_dataset

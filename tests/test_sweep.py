@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from calm_pretrain.config import load_config
-from calm_pretrain.flops import inference_flops_per_token, training_flops_per_token
+from calm_pretrain.models.registry import inference_flops_per_token, training_flops_per_token
 from calm_pretrain.sweep import collect, fit, main, make_plan, plot, read_tables, write_tables
 from tests.helpers import REPO, shellcheck
 

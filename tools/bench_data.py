@@ -125,7 +125,7 @@ def bench_tokenize(work: Path, corpus: Path, n_docs: int, llama_spec: str) -> di
 
 
 def train_ae(work: Path, corpus: Path, steps: int, n_docs: int) -> tuple[Path, dict]:
-    from calm_pretrain.models.autoencoder import Autoencoder
+    from calm_pretrain.models.autoencoder.model import Autoencoder
 
     tok = load_tokenizer("demo")
     docs = list(corpus_documents(corpus, n_docs, skip=12000))  # another part of the corpus: held out
@@ -206,7 +206,7 @@ def bench_encode(work: Path, ae_dir: Path, llama_tokens: Path, demo_tokens_src: 
 def bench_loader(work: Path, demo_tokens: Path, steps: int) -> dict:
     from calm_pretrain.config import load_config
     from calm_pretrain.models import build_model
-    from calm_pretrain.models.autoencoder import Autoencoder
+    from calm_pretrain.models.autoencoder.model import Autoencoder
 
     run = load_config(REPO / "configs" / "tiny" / "calm.yaml")
     ae_cfg = load_config(REPO / "configs" / "tiny" / "ae.yaml").model

@@ -53,10 +53,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from calm_pretrain.config import CALMConfig, HeadConfig, load_config  # noqa: E402
+from calm_pretrain.config import load_config  # noqa: E402
+from calm_pretrain.models.calm import CALMConfig, HeadConfig  # noqa: E402
 from calm_pretrain.losses import energy_loss, energy_loss_direct  # noqa: E402
 from calm_pretrain.models import build_model  # noqa: E402
-from calm_pretrain.models.heads import EnergyHead  # noqa: E402
+from calm_pretrain.models.calm.heads import EnergyHead  # noqa: E402
 
 THREADS = 2
 

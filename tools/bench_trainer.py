@@ -20,27 +20,18 @@ from pathlib import Path
 
 import torch
 
-from calm_pretrain.config import CALMConfig, load_config
-from calm_pretrain.flops import training_flops_per_token
-from calm_pretrain.models import build_model
+from calm_pretrain.config import load_config
+from calm_pretrain.models import build_model, spec_of
+from calm_pretrain.models.registry import training_flops_per_token
 from calm_pretrain.train.hardware import peak_flops
 from calm_pretrain.train.trainer import Trainer, model_loss, peak_memory_gb
 
 
 def synthetic_batches(cfg, count: int, device) -> list[dict]:
-    m, t = cfg.model, cfg.train
-    k = getattr(m, "k", 1) if isinstance(m, CALMConfig) or m.arch == "autoencoder" else 1
-    tokens = cfg.data.seq_chunks * k
     gen = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(count):
-        b = {"ids": torch.randint(3, m.vocab_size, (t.micro_batch_size, tokens), generator=gen)}
-        if isinstance(m, CALMConfig):
-            shape = (t.micro_batch_size, cfg.data.seq_chunks, m.latent_dim)
-            b["mu"] = torch.randn(shape, generator=gen)
-            b["log_sigma"] = torch.full(shape, -2.0)
-        out.append({key: v.to(device) for key, v in b.items()})
-    return out
+    example = spec_of(cfg.model).example_batch
+    batches = [example(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_chunks, gen) for _ in range(count)]
+    return [{key: v.to(device) for key, v in b.items()} for b in batches]
 
 
 def _cycle(batches):

@@ -63,8 +63,8 @@ def _rank(rank, world, port, config, overrides, out):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
-    from calm_pretrain.config import CALMConfig, load_config
-    from calm_pretrain.models import build_model
+    from calm_pretrain.config import load_config
+    from calm_pretrain.models import build_model, spec_of
     from calm_pretrain.parallel.engine import DeepSpeedEngine, build_model_sharded, init_distributed
     from calm_pretrain.parallel.plan import mark_zero3_leaves
     from calm_pretrain.train.trainer import model_loss
@@ -80,16 +80,10 @@ def _rank(rank, world, port, config, overrides, out):
     after_build = rss()
     engine = DeepSpeedEngine(model, cfg, world)
     after_init = rss()
-    m = cfg.model
-    k = m.k if isinstance(m, CALMConfig) else 1
-    ids = torch.randint(3, m.vocab_size, (1, cfg.data.seq_chunks * k))
-    batch = {"ids": ids}
-    if isinstance(m, CALMConfig):
-        batch["mu"] = torch.randn(1, cfg.data.seq_chunks, m.latent_dim)
-        batch["log_sigma"] = torch.full((1, cfg.data.seq_chunks, m.latent_dim), -2.0)
+    batch = spec_of(cfg.model).example_batch(cfg.model, 1, cfg.data.seq_chunks, torch.Generator().manual_seed(0))
     if cfg.train.precision == "bf16":
         batch = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
-    loss, _ = model_loss(m, engine, batch)
+    loss, _ = model_loss(cfg.model, engine, batch)
     loss_value = loss.item()
     after_forward = rss()
     engine.backward(loss)

@@ -11,6 +11,10 @@
   file      no file in calm_pretrain/, data_pipeline/, tools/ over MAX_FILE_LINES lines.
   function  no function there over MAX_FUNCTION_LINES lines (def line to last line; a nested
             function counts in its own right and inside its outer one).
+  dispatch  no architecture dispatch outside the model registry (calm_pretrain/models/): no
+            `isinstance(x, <a model config class>)` and no comparison of an `arch` value with a
+            string or an ARCH_* constant. Such code asks the architecture's spec instead
+            (calm_pretrain.models.spec_of). Counted per function: `dispatch FILE::FUNCTION N`.
 
 Today's known violations are listed in tools/structure_allowlist.txt, one a line:
 
@@ -18,6 +22,7 @@ Today's known violations are listed in tools/structure_allowlist.txt, one a line
   private calm_pretrain.demo calm_pretrain.config._build
   file calm_pretrain/config.py 526                 at most 526 lines
   function calm_pretrain/demo.py::run_demo 250     at most 250 lines
+  dispatch calm_pretrain/sweep/plan.py::row 3      at most 3 dispatch sites in that function
 
 The check fails on a violation that is not listed (or a file or function longer than its listed
 length) and on a listed entry that no longer occurs, so the list can only shrink: remove the entry
@@ -40,6 +45,7 @@ SIZE_SUFFIXES = (".py", ".sh")
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 ALLOWLIST = Path("tools") / "structure_allowlist.txt"
+REGISTRY_DIR = "calm_pretrain/models"  # the one place that may tell architectures apart
 
 
 @dataclass(frozen=True)
@@ -275,8 +281,70 @@ def check_sizes(root: Path) -> list[Violation]:
     return out
 
 
+def model_config_classes(root: Path) -> set[str]:
+    """Names of the dataclasses defined under calm_pretrain/models/ whose name ends in Config."""
+    names = set()
+    for path in sorted((root / REGISTRY_DIR).rglob("*.py")):
+        names |= {n.name for n in ast.walk(ast.parse(path.read_text(), str(path)))
+                  if isinstance(n, ast.ClassDef) and n.name.endswith("Config")}
+    return names
+
+
+def _terminal_name(node: ast.AST) -> str:
+    """`x` of `x`, `a.b.x` and `a["x"]`; else ''."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        return node.slice.value
+    return ""
+
+
+def _is_dispatch(node: ast.AST, config_classes: set[str]) -> bool:
+    if isinstance(node, ast.Call) and _terminal_name(node.func) == "isinstance" and len(node.args) == 2:
+        kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+        return any(_terminal_name(k) in config_classes for k in kinds)
+    if isinstance(node, ast.Compare):
+        operands = [node.left, *node.comparators]
+        archish = any(_terminal_name(o) == "arch" or _terminal_name(o).endswith("_arch") for o in operands)
+        literal = any((isinstance(o, ast.Constant) and isinstance(o.value, str))
+                      or _terminal_name(o).startswith("ARCH_")
+                      or (isinstance(o, (ast.Tuple, ast.List, ast.Set)) and o.elts
+                          and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in o.elts))
+                      for o in operands)
+        return archish and literal
+    return False
+
+
+def _dispatch_sites(tree: ast.AST, config_classes: set[str], prefix: str = "<module>"):
+    """(innermost function's qualified name, node) of every dispatch site."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = node.name if prefix == "<module>" else f"{prefix}.{node.name}"
+            yield from _dispatch_sites(node, config_classes, name)
+            continue
+        if _is_dispatch(node, config_classes):
+            yield prefix, node
+        yield from _dispatch_sites(node, config_classes, prefix)
+
+
+def check_dispatch(root: Path) -> list[Violation]:
+    config_classes = model_config_classes(root)
+    counts: dict[str, list[int]] = {}
+    for path in source_files(root, SIZE_DIRS, (".py",)):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(REGISTRY_DIR + "/"):
+            continue
+        for function, node in _dispatch_sites(ast.parse(path.read_text(), rel), config_classes):
+            counts.setdefault(f"{rel}::{function}", []).append(node.lineno)
+    return [Violation(f"dispatch {where}", len(lines), f"{where}: {len(lines)} architecture dispatch "
+                      f"site(s) outside the registry (lines {', '.join(map(str, lines))}); ask spec_of(cfg)")
+            for where, lines in counts.items()]
+
+
 def find_violations(root: Path) -> list[Violation]:
-    return check_cycles(root) + check_private(root) + check_sizes(root)
+    return check_cycles(root) + check_private(root) + check_sizes(root) + check_dispatch(root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +360,7 @@ def read_allowlist(path: Path) -> dict[str, int | None]:
         if not line:
             continue
         words = line.split()
-        if words[0] in ("file", "function"):
+        if words[0] in ("file", "function", "dispatch"):
             if len(words) != 3 or not words[2].isdigit():
                 raise SystemExit(f"{path}: {raw!r}: expected `{words[0]} NAME LINES`")
             out[" ".join(words[:2])] = int(words[2])

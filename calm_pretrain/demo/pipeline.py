@@ -10,7 +10,8 @@ from typing import Any, Optional
 import yaml
 
 # the run config's own section builder and override setter: the same checks and messages
-from calm_pretrain.config import ConfigError, build_dataclass, parse_override, set_dotted, validate_sections
+from calm_pretrain.config import ConfigError, validate_sections
+from calm_pretrain.schema import build_dataclass, parse_override, set_dotted
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PIPELINE = REPO / "configs" / "demo.yaml"

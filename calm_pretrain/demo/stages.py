@@ -201,7 +201,7 @@ def tokenize(ctx: DemoContext) -> dict:
 def train(ctx: DemoContext, name: str, shards: str, eval_shards: str) -> dict:
     """One model's `calm-pretrain train` on `shards`, evaluated on `eval_shards` (the result rows of the
     autoencoder, CALM and Transformer stages start from this one)."""
-    from calm_pretrain.flops import training_flops_per_token
+    from calm_pretrain.models.registry import training_flops_per_token
     from calm_pretrain.models import count_config_parameters
 
     stage, cfg, run = getattr(ctx.pipe.stages, name), ctx.cfgs[name], ctx.run

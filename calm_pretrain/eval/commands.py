@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from calm_pretrain.eval.source import (PUBLISHED_BLOCK_TOKENS, SourceError, eval_blocks, load_source,
-                                       published_eval_set)
+from calm_pretrain.eval.source import SourceError, eval_blocks, load_source, published_eval_set
+from calm_pretrain.models.registry import spec_of
 from data_pipeline.files import atomic_write_json
 
 SCORE_ROWS = [("brierlm", "BrierLM (x100)")] + [(f"brier_{n}", f"Brier-{n}") for n in range(1, 5)] + [
@@ -50,8 +50,9 @@ def cmd_eval(args) -> int:
 
     try:
         src = load_source(args.source, args.ae, args.tokenizer)
-        block = args.block_tokens or (PUBLISHED_BLOCK_TOKENS[src.arch] if args.published else src.context_tokens)
-        k = getattr(src.model.config, "k", 1)
+        spec = spec_of(src.model.config)
+        block = args.block_tokens or (spec.published_block_tokens if args.published else src.context_tokens)
+        k = src.model.config.tokens_per_position
         if block % k:
             raise SourceError(f"--block-tokens {block} is not a multiple of the model's K = {k}")
         if args.draws < 1:
@@ -120,17 +121,19 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from calm_pretrain.sampling import generate
+    from calm_pretrain.eval.generation import generate
 
     try:
         prompts = _prompts(args)
         src = load_source(args.source, args.ae, args.tokenizer)
-        if src.arch == "autoencoder":
-            raise SourceError(f"{args.source}: an autoencoder does not generate text")
+        spec = spec_of(src.model.config)
+        if spec.generate is None:
+            raise SourceError(f"{args.source}: a {spec.arch} model does not generate text")
         if src.tokenizer is None:
             raise SourceError(f"{args.source}: no tokenizer saved with it: pass --tokenizer")
-        if not 0 < args.temperature <= 1 and src.arch == "calm":
-            raise SourceError(f"--temperature {args.temperature}: likelihood-free sampling needs T in (0, 1]")
+        if spec.max_temperature is not None and not 0 < args.temperature <= spec.max_temperature:
+            raise SourceError(f"--temperature {args.temperature}: the {spec.arch} sampler needs T in "
+                              f"(0, {spec.max_temperature:g}]")
     except SourceError as e:
         print(f"generate error: {e}", file=sys.stderr)
         return 2
@@ -167,7 +170,7 @@ def cmd_generate(args) -> int:
                 print(f"[{i}] {tok.decode(results[(p, i)])}", flush=True)
     seconds = time.perf_counter() - t0
     rows = sum(len(b) for b in batches)
-    per_token = f", {steps / max(total_new, 1):.2f} backbone steps per generated token" if src.arch == "calm" else ""
+    per_token = f", {steps / max(total_new, 1):.2f} backbone steps per generated token" if spec.uses_autoencoder else ""
     print(f"-- {total_new} new tokens in {seconds:.1f} s ({total_new / seconds:,.1f} tokens/s{per_token}; "
           f"{rows} continuations in {len(batches)} batches)", file=sys.stderr)
     return 0

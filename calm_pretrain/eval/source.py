@@ -6,7 +6,6 @@ ZeRO / TP / PP layout), with its frozen autoencoder and tokenizer; and the token
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,10 @@ from typing import Optional
 
 import torch
 
-# The published recipe: WikiText-103's test split at document level, 8192-token blocks for CALM and
-# 2048 for the Transformer (the block size moves BrierLM by about 30%, so it is part of the protocol).
-PUBLISHED_BLOCK_TOKENS = {"calm": 8192, "transformer": 2048, "autoencoder": 2048}
+from calm_pretrain.models.registry import spec_of
+
+# The published recipe: WikiText-103's test split at document level, in blocks of each spec's
+# published_block_tokens (CALM 8192, the Transformer 2048: the block size moves BrierLM by about 30%).
 WIKITEXT_ENV = "CALM_WIKITEXT103_TEST"  # where --published finds the WikiText-103 test documents (jsonl)
 
 
@@ -95,20 +95,20 @@ def load_source(path: str | os.PathLike, ae_dir: Optional[str] = None, tokenizer
         if _is_release(path):
             model, cfg = import_release(path)
             model = model.float().eval()
-            k = getattr(cfg, "k", 1)
-            context, what, release = cfg.max_position_embeddings * k if cfg.arch != "autoencoder" else 0, \
-                "release", path
+            context = getattr(cfg, "max_position_embeddings", 0) * cfg.tokens_per_position
+            what, release = "release", path
         else:
             ckpt = resolve_checkpoint(path)
             model = trained_model(ckpt)
             cfg = model.config
             run_cfg = read_trainer_state(ckpt)["config"]
-            context = run_cfg["data"]["seq_chunks"] * getattr(cfg, "k", 1)
+            context = run_cfg["data"]["seq_chunks"] * cfg.tokens_per_position
             what, release = f"checkpoint {ckpt.name}", None
     except (ReleaseError, CheckpointError) as e:
         raise SourceError(str(e)) from None
-    ae = _calm_ae(cfg, path, ae_dir, release) if cfg.arch == "calm" else None
-    if cfg.arch == "autoencoder":
+    spec = spec_of(cfg)
+    ae = _calm_ae(cfg, path, ae_dir, release) if spec.uses_autoencoder else None
+    if spec.encodes_latents:  # chunks are scored independently: blocks of 64 chunks
         context = cfg.k * 64
     n = sum(p.numel() for p in model.parameters())
     return Source(model=model.requires_grad_(False), arch=cfg.arch, ae=ae, tokenizer=_tokenizer(tokenizer, release),

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm_pretrain.config import BackboneConfig
+from calm_pretrain.models.backbone_config import BackboneConfig
 from calm_pretrain.models.layers import RMSNorm, SwiGLU
 
 

@@ -1,16 +1,9 @@
 """Pipeline parallelism: the model as a DeepSpeed `PipelineModule`, run with its 1F1B schedule.
 
-Stages are built from the finished model (the same weights as without a pipeline):
-  first:  CALM — token embedding + input compression of each chunk; Transformer — token embedding;
-  middle: the decoder blocks, partitioned across stages by parameter count;
-  last:   final norm + the generative head and its loss (CALM), or norm + LM head (Transformer: the
-          cross-entropy is DeepSpeed's ``loss_fn`` on the labels the last stage reads itself).
-
-CALM's targets (the latent posteriors mu, log_sigma of the next chunks) travel with the activations
-from the first stage to the last: DeepSpeed sends every tensor of a stage's output tuple downstream and
-expects a gradient back for every floating-point one, so the targets are packed into one int32 tensor
-(a bit-exact view of the float32 values) that carries no gradient. They are d/H of the hidden state's
-size (128 of 1024 floats per position at CALM-M).
+Stages are built from the finished model (the same weights as without a pipeline) by its architecture's
+spec (calm_pretrain/models/registry.py: CALM's in models/calm/pipeline_stages.py, the Transformer's in
+models/pipeline_stages.py): a first stage (embeddings), the decoder blocks (partitioned across stages by
+parameter count), and a last stage that ends in the loss or in logits for DeepSpeed's ``loss_fn``.
 
 The engine adapter owns the whole accumulation window (``train_window``): DeepSpeed's pipeline engine
 pulls ``grad_accum_steps`` micro-batches itself on the first and last stages, runs 1F1B, all-reduces
@@ -18,106 +11,28 @@ over data-parallel replicas, clips and steps. Pipeline parallelism goes with ZeR
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from calm_pretrain.config import CALMConfig, RunConfig, TransformerConfig
-from calm_pretrain.models.backbone import RotaryEmbedding
+from calm_pretrain.config import RunConfig
+from calm_pretrain.models.registry import spec_of
 from calm_pretrain.train.safe_load import safe_load
 
 
-def pack_targets(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    return torch.cat([mu, log_sigma], dim=-1).float().contiguous().view(torch.int32)
-
-
-def unpack_targets(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return packed.view(torch.float32).chunk(2, dim=-1)
-
-
-class _CALMInput(nn.Module):
-    def __init__(self, calm):
-        super().__init__()
-        self.k, self.hidden = calm.k, calm.config.hidden_size
-        self.embed_tokens, self.embed_proj = calm.transformer.embed_tokens, calm.embed_proj
-
-    def forward(self, inputs):
-        ids, packed = inputs
-        b, t = ids.shape
-        x = self.embed_tokens(ids).reshape(b, t // self.k, self.k * self.hidden)
-        return self.embed_proj(x), packed
-
-
-class _TokenInput(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.embed_tokens = model.transformer.embed_tokens
-
-    def forward(self, inputs):
-        ids = inputs[0] if isinstance(inputs, tuple) else inputs
-        return self.embed_tokens(ids)
-
-
-class _Block(nn.Module):
-    """One decoder layer; RoPE tables are recomputed per stage (no parameters, cheap)."""
-
-    def __init__(self, layer, cfg):
-        super().__init__()
-        self.layer = layer
-        self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
-
-    def forward(self, inputs):
-        x, rest = (inputs[0], inputs[1:]) if isinstance(inputs, tuple) else (inputs, ())
-        cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device), x.dtype)
-        x = self.layer(x, cos, sin)
-        return (x, *rest) if rest else x
-
-
-class _CALMOutput(nn.Module):
-    def __init__(self, calm):
-        super().__init__()
-        self.norm, self.head = calm.transformer.norm, calm.mlp_generator
-
-    def forward(self, inputs):
-        x, packed = inputs
-        mu, log_sigma = unpack_targets(packed)
-        return self.head.loss(self.norm(x), mu, log_sigma).mean()
-
-
-class _LMOutput(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.norm, self.lm_head = model.transformer.norm, model.lm_head
-
-    def forward(self, x):
-        return self.lm_head(self.norm(x))
-
-
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-def pipeline_layers(model) -> tuple[list[nn.Module], Optional[callable]]:
-    """The model as a list of stage-able layers, and DeepSpeed's loss_fn (None: the last layer's output
-    is the loss)."""
-    cfg = model.config
-    blocks = [_Block(layer, cfg) for layer in model.transformer.layers]
-    if isinstance(cfg, CALMConfig):
-        return [_CALMInput(model), *blocks, _CALMOutput(model)], None
-    if isinstance(cfg, TransformerConfig):
-        return [_TokenInput(model), *blocks, _LMOutput(model)], _lm_loss
-    raise ValueError(f"parallel.pipeline > 1 supports calm and transformer models, not {cfg.arch}")
+def pipeline_layers(model) -> tuple[list[nn.Module], Optional[Callable]]:
+    """The model as a list of stage-able layers (its architecture's spec says how), and DeepSpeed's
+    loss_fn (None: the last layer's output is the loss)."""
+    spec = spec_of(model.config)
+    if spec.pipeline_layers is None:
+        raise ValueError(f"parallel.pipeline > 1: the {spec.arch} model has no pipeline stages")
+    return spec.pipeline_layers(model)
 
 
 def pipeline_batch(config, batch: dict):
     """A loader micro-batch in DeepSpeed's pipeline format: (first-stage inputs, last-stage labels)."""
-    ids = batch["ids"]
-    if isinstance(config, CALMConfig):
-        inputs = (ids[:, : -config.k], pack_targets(batch["mu"][:, 1:], batch["log_sigma"][:, 1:]))
-        return inputs, torch.zeros(1)
-    return (ids[:, :-1],), ids[:, 1:]
+    return spec_of(config).pipeline_batch(config, batch)
 
 
 class PipelineEngine:

@@ -1,8 +1,10 @@
 """Plans applied to a finished model: the model classes know nothing of these.
 
-* activation checkpointing: each transformer/autoencoder block recomputes its activations in backward;
+* activation checkpointing: each block its architecture's spec names (``checkpoint_blocks``: a decoder
+  layer, an autoencoder layer) recomputes its activations in backward;
 * ZeRO-3 leaves: modules whose forward reads a child's parameters directly (not through the child's
-  forward) must have all their parameters gathered at once under ZeRO-3.
+  forward; the spec's ``zero3_leaves``, e.g. CALM's ResidualMLPBlock, which applies the halves of its
+  first linear's weight itself) must have all their parameters gathered at once under ZeRO-3.
 """
 from __future__ import annotations
 
@@ -11,20 +13,14 @@ import functools
 import torch.utils.checkpoint
 from torch import nn
 
-from calm_pretrain.models.autoencoder import AELayer
-from calm_pretrain.models.backbone import DecoderLayer
-from calm_pretrain.models.heads import ResidualMLPBlock
-
-CHECKPOINTED_BLOCKS = (DecoderLayer, AELayer)
-# ResidualMLPBlock applies the halves of its first linear's weight itself (condition once per position).
-ZERO3_LEAF_MODULES = (ResidualMLPBlock,)
+from calm_pretrain.models.registry import spec_of
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
     """Wrap every block's forward in non-reentrant checkpointing while training; returns how many."""
-    count = 0
+    count, blocks = 0, spec_of(model.config).checkpoint_blocks
     for module in model.modules():
-        if isinstance(module, CHECKPOINTED_BLOCKS) and not getattr(module, "_checkpointed", False):
+        if isinstance(module, blocks) and not getattr(module, "_checkpointed", False):
             inner = module.forward
 
             @functools.wraps(inner)
@@ -42,6 +38,6 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 def mark_zero3_leaves(model: nn.Module) -> None:
     from deepspeed.utils import set_z3_leaf_modules
 
-    present = [cls for cls in ZERO3_LEAF_MODULES if any(isinstance(m, cls) for m in model.modules())]
+    present = [cls for cls in spec_of(model.config).zero3_leaves if any(isinstance(m, cls) for m in model.modules())]
     if present:
         set_z3_leaf_modules(model, present)

@@ -10,7 +10,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig
 from calm_pretrain.release.directory import _atomic_directory, check_replacement, clean_stale_temporaries
 from calm_pretrain.release.fingerprint import FINGERPRINT_KEY, make_record
 from calm_pretrain.release.layout import (ARCH_AE, CONFIG_NAME, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS,

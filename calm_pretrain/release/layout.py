@@ -7,8 +7,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from calm_pretrain.config import (AutoencoderConfig, CALMConfig, ConfigError, TransformerConfig,
-                                  model_config_from_dict)
+from calm_pretrain.config import ConfigError, model_config_from_dict
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig
+from calm_pretrain.models.transformer import TransformerConfig
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"

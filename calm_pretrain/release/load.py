@@ -9,7 +9,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, ConfigError, model_config_from_dict
+from calm_pretrain.config import ConfigError, model_config_from_dict
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig
 from calm_pretrain.release.files import _read_config, read_release_tensors, weight_files
 from calm_pretrain.release.layout import (AE_PREFIX, AE_TIED, ARCH_AE, CONFIG_NAME, SIDECAR_NAME, ReleaseError,
                                           _DTYPE_NAMES, _detect_architecture, _dtype_of, model_config_from_release)

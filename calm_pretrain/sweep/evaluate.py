@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from calm_pretrain.config import AutoencoderConfig, load_config
+from calm_pretrain.config import load_config
+from calm_pretrain.models.autoencoder import AutoencoderConfig
 from calm_pretrain.sweep.collect import EVAL_FILE, read_records
 from calm_pretrain.sweep.errors import SweepError
 

@@ -12,8 +12,10 @@ from typing import Any, Optional
 
 import yaml
 
-from calm_pretrain.config import (AutoencoderConfig, CALMConfig, ConfigError, RunConfig, TransformerConfig,
-                                  dump_config, load_config)
+from calm_pretrain.config import ConfigError, dump_config, load_config, RunConfig
+from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models.calm import CALMConfig
+from calm_pretrain.models.transformer import TransformerConfig
 from calm_pretrain.sweep.errors import SweepError
 from calm_pretrain.sweep.submit import REPO, write_submit
 
@@ -83,7 +85,7 @@ def _points_of(section: dict, sizes: dict, where: str) -> list[tuple[dict, list[
 
 
 def _flops(cfg: RunConfig, ae: Optional[AutoencoderConfig]) -> tuple[float, float]:
-    from calm_pretrain.flops import inference_flops_per_token, training_flops_per_token
+    from calm_pretrain.models.registry import inference_flops_per_token, training_flops_per_token
 
     context = cfg.data.seq_chunks
     train = training_flops_per_token(cfg.model, context, ae).total
@@ -107,7 +109,7 @@ def sample_tokens_of(cfg: RunConfig) -> int:
 
 def _entry(kind: str, name: str, cfg: RunConfig, config_path: Path, index: int, ae: Optional[AutoencoderConfig],
            world_size: int, size: Optional[str], grid: dict, depends: list[str]) -> dict:
-    from calm_pretrain.models.heads import evals_per_sample
+    from calm_pretrain.models.calm.heads import evals_per_sample
 
     m = cfg.model
     per_token, infer = _flops(cfg, ae)

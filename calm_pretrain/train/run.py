@@ -15,10 +15,10 @@ from typing import Callable, Optional
 
 import torch
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, ConfigError, RunConfig, dump_config
-from calm_pretrain.flops import training_flops_per_token
-from calm_pretrain.train.console import filter_harmless_warnings
-from calm_pretrain.models import build_model
+from calm_pretrain.config import ConfigError, RunConfig, dump_config
+from calm_pretrain.models import build_model, spec_of
+from calm_pretrain.models.calm import CALMConfig
+from calm_pretrain.models.registry import training_flops_per_token
 from calm_pretrain.parallel.distributed import all_gather_object, shutdown
 from calm_pretrain.parallel.engine import (DeepSpeedEngine, TorchEngine, build_model_sharded, gathered_for_writing,
                                            init_distributed)
@@ -27,6 +27,7 @@ from calm_pretrain.parallel.groups import (ParallelCoords, ParallelLayout, deeps
 from calm_pretrain.parallel.plan import apply_activation_checkpointing, mark_zero3_leaves
 from calm_pretrain.train.callbacks import EvalCallback, TensorBoardCallback, WandbCallback
 from calm_pretrain.train.checkpoint import Checkpointer
+from calm_pretrain.train.console import filter_harmless_warnings
 from calm_pretrain.train.hardware import peak_flops
 from calm_pretrain.train.launcher import WorkerSession
 from calm_pretrain.train.run_lock import lock_run_directory
@@ -43,7 +44,7 @@ def _device() -> torch.device:
 def load_frozen_autoencoder(cfg: RunConfig) -> Optional[torch.nn.Module]:
     """CALM's frozen AE (`model.ae_path`), or None. Loaded once per run, before any seed is set, so a
     run draws the same random numbers with or without it."""
-    if not (isinstance(cfg.model, CALMConfig) and cfg.model.ae_path):
+    if not (spec_of(cfg.model).uses_autoencoder and cfg.model.ae_path):
         return None
     from data_pipeline.ae_io import load_autoencoder
 
@@ -53,18 +54,12 @@ def load_frozen_autoencoder(cfg: RunConfig) -> Optional[torch.nn.Module]:
 def data_expectations(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> dict:
     """What the shards must have been made for: the loader refuses anything else, naming the file.
     With CALM's frozen AE given, latent shards must also have been encoded by it."""
-    m = cfg.model
-    if isinstance(m, CALMConfig):
-        expect = {"k": m.k, "latent_dim": m.latent_dim, "sample_tokens": cfg.data.seq_chunks * m.k,
-                  "vocab_size": m.vocab_size}
-        if ae is not None:
-            from data_pipeline.ae_io import autoencoder_fingerprint
+    expect = spec_of(cfg.model).data(cfg.model, cfg.data.seq_chunks)
+    if ae is not None:
+        from data_pipeline.ae_io import autoencoder_fingerprint
 
-            expect["ae_fingerprint"] = autoencoder_fingerprint(ae)
-        return expect
-    if isinstance(m, AutoencoderConfig):
-        return {"k": m.k, "sample_tokens": cfg.data.seq_chunks * m.k, "vocab_size": m.vocab_size}
-    return {"sample_tokens": cfg.data.seq_chunks, "vocab_size": m.vocab_size}
+        expect["ae_fingerprint"] = autoencoder_fingerprint(ae)
+    return expect
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -116,8 +111,9 @@ def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Opt
         return None
     from calm_pretrain.eval.heldout import evaluate_model, numbers
 
-    if isinstance(cfg.model, CALMConfig) and ae is None:
-        raise ConfigError("data.eval is set for a CALM run but model.ae_path is not: BrierLM needs the autoencoder")
+    if spec_of(cfg.model).uses_autoencoder and ae is None:
+        raise ConfigError(f"data.eval is set for a {cfg.model.arch} run but model.ae_path is not: its scores "
+                          "need the autoencoder")
     blocks = held_out_blocks(cfg)
 
     def evaluate(model):
@@ -134,7 +130,7 @@ def _init_from_release(model, path: str, say, cfg: RunConfig, ae: Optional[torch
     if released_cfg.arch != model.config.arch:
         raise ConfigError(f"train.init_from: {path} holds a {released_cfg.arch} release, the run trains "
                          f"{model.config.arch}")
-    if isinstance(released_cfg, CALMConfig):
+    if spec_of(released_cfg).uses_autoencoder:
         _check_release_autoencoder(path, released_cfg, cfg, ae)
     state = released.state_dict()
     own = dict(model.named_parameters())

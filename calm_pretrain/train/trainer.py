@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from calm_pretrain.config import AutoencoderConfig, CALMConfig, RunConfig
+from calm_pretrain.config import RunConfig
+from calm_pretrain.models.registry import spec_of
 from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
 from calm_pretrain.parallel.groups import ParallelLayout
@@ -28,13 +29,8 @@ from calm_pretrain.train.signals import StopRequest
 
 
 def model_loss(config, forward: Callable, batch: dict) -> tuple[torch.Tensor, dict]:
-    """The training loss of any architecture on a loader batch, and what to log beside it."""
-    if isinstance(config, AutoencoderConfig):
-        out = forward(batch["ids"])
-        return out.loss, {"ce": out.ce.item(), "kl": out.kl.item(), "accuracy": out.accuracy.item()}
-    if isinstance(config, CALMConfig):
-        return forward(batch["ids"], batch["mu"], batch["log_sigma"]).loss, {}
-    return forward(batch["ids"]).loss, {}
+    """The training loss of any architecture on a loader batch, and what to log beside it (its spec's)."""
+    return spec_of(config).loss(forward, batch)
 
 
 def model_signature(model: nn.Module) -> dict:

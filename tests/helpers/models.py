@@ -32,7 +32,7 @@ def perturbed(model):
 
 def tiny_ae_config(**overrides):
     """A small AutoencoderConfig (demo vocabulary, pad 0, bos 1, eos 2)."""
-    from calm_pretrain.config import AutoencoderConfig
+    from calm_pretrain.models.autoencoder import AutoencoderConfig
 
     values = dict(k=4, latent_dim=16, vocab_size=4096, hidden_size=32, intermediate_size=64, num_encoder_layers=2,
                   num_decoder_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from calm_pretrain.config import CALMConfig
+from calm_pretrain.models.calm.config import CALMConfig
 from calm_pretrain.models.backbone import Backbone, KVCache
-from calm_pretrain.models.heads import build_head, head_init_std
+from calm_pretrain.models.calm.heads import build_head, head_init_std
 from calm_pretrain.models.layers import init_weights
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm_pretrain.config import TransformerConfig
+from calm_pretrain.models.transformer.config import TransformerConfig
 from calm_pretrain.models.backbone import Backbone, KVCache
 from calm_pretrain.models.layers import init_weights
 

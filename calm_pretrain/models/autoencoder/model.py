@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm_pretrain.config import AutoencoderConfig
+from calm_pretrain.models.autoencoder.config import AutoencoderConfig
 from calm_pretrain.losses import clipped_gaussian_kl
 from calm_pretrain.models.layers import RMSNorm, SwiGLU, init_weights
 
