@@ -53,7 +53,7 @@ def load_autoencoder(directory: str | os.PathLike, device: str | torch.device = 
     from safetensors.torch import load_file
 
     from calm_pretrain.config import ConfigError, model_config_from_dict
-    from calm_pretrain.models.autoencoder import Autoencoder
+    from calm_pretrain.models.autoencoder.model import Autoencoder
 
     d = Path(directory)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
