@@ -10,6 +10,8 @@ calm_pretrain/models/spec.py ModelSpec) and one line in ARCHITECTURES below.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
 from collections import OrderedDict
 
 import torch
@@ -25,6 +27,24 @@ ARCHITECTURES: dict[str, ModelSpec] = {spec.arch: spec for spec in (
     calm.SPEC,
     transformer.SPEC,
 )}
+
+# Architectures outside this repository: modules (comma-separated) whose SPEC is registered on import,
+# in every process of a run (the launchers pass the environment on), e.g. a test's toy architecture.
+PLUGINS_ENV = "CALM_PRETRAIN_ARCHITECTURES"
+
+
+def _register_plugins() -> None:
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            spec = importlib.import_module(name).SPEC
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"{PLUGINS_ENV}: cannot register {name!r}: {e}") from None
+        if spec.arch in ARCHITECTURES and ARCHITECTURES[spec.arch] is not spec:
+            raise ConfigError(f"{PLUGINS_ENV}: {name} registers {spec.arch!r}, which is taken")
+        ARCHITECTURES[spec.arch] = spec
+
+
+_register_plugins()
 
 
 def architectures() -> dict[str, ModelSpec]:
