@@ -35,7 +35,6 @@ class DataConfig:
     weights: list = field(default_factory=list)  # blend weights, one per train entry (empty = equal)
     eval: Optional[str] = None
     seq_chunks: int = 512  # L: chunk positions per sample (tokens per sample = L·K)
-    num_workers: int = 1
     seed: int = 1234
 
     def validate(self, p: str) -> None:
@@ -121,11 +120,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    eval_set: Optional[str] = None  # JSONL with a "text" field (default: WikiText-103 test documents)
-    text_field: str = "text"
-    block_tokens: int = 2048  # evaluation block size in tokens (changes BrierLM; recorded with scores)
-    max_blocks: int = 0  # 0 = all blocks
-    batch_size: int = 1
+    """The periodic held-out evaluation of `data.eval` (every `train.eval_every` steps)."""
+
+    # The evaluation block in tokens: the main job cuts its held-out shards to it (it changes BrierLM, so
+    # it is recorded with every score); a run scores the held-out shards' own samples.
+    block_tokens: int = 2048
+    max_blocks: int = 16  # held-out blocks scored, spread over the set by a fixed seed; 0 = all blocks
 
     def validate(self, p: str) -> None:
         check(self.block_tokens >= 2, f"{p}.block_tokens", "must be >= 2")

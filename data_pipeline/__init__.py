@@ -17,6 +17,10 @@ One module, one job:
 - ``inspection.py``  ``calm-data inspect`` / ``verify``.
 - ``cli.py``         the ``calm-data`` console script.
 
+Imports of calm_pretrain: the config, the models and the release reader (to load, verify and
+fingerprint the frozen autoencoder that encoding needs, in either layout) and brier (``evalset``);
+nothing of the trainer, the engines or the workflows.
+
 Bad input, and what happens to it (each case has a test in ``tests/test_data_*.py``):
 
 =====================================  ========================================================

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from calm_pretrain.models.autoencoder import AutoencoderConfig
@@ -6,6 +7,7 @@ from calm_pretrain.models.transformer import TransformerConfig
 from calm_pretrain.models import build_model
 from data_pipeline.evalset import brier_on_text, eval_blocks
 from data_pipeline.tokenizers import load_tokenizer
+from tests.helpers.brier import brierlm_of, exact_lm_brier_1
 
 
 def _tiny(vocab):
@@ -29,4 +31,6 @@ def test_wikitext_blocks_and_brier_record_the_block_size(shared_data):
     for model, kwargs in ((calm, {"ae": ae}), (tr, {})):
         result = brier_on_text(model, path, tok, 64, max_blocks=2, generator=torch.Generator().manual_seed(0), **kwargs)
         assert result["block_tokens"] == 64 and result["eval_set"] == path and result["num_blocks"] == 2
-        assert 0.0 <= result["brierlm"] <= 100.0
+        assert result["brierlm"] == pytest.approx(brierlm_of(result), abs=1e-9)
+        if model is tr:  # the Transformer's Brier-1 is exact: its softmax, by hand
+            assert result["brier_1"] == pytest.approx(exact_lm_brier_1(tr, eval_blocks(path, tok, 64, max_blocks=2)), rel=1e-6)

@@ -9,6 +9,7 @@ import torch
 
 from calm_pretrain.config import ConfigError
 from calm_pretrain.demo import SettingsChanged, format_summary, load_pipeline, read_metrics, run_demo
+from tests.helpers.brier import brierlm_of
 
 STAGES = ["corpus", "tokenizer", "tokenize", "autoencoder", "encode", "calm", "transformer", "evaluate", "generate",
           "release", "plots"]
@@ -117,7 +118,8 @@ def test_encode_and_the_two_language_models_ran_as_two_zero1_processes(demo):
         cfg = (run / "configs" / f"{name}.yaml").read_text()
         assert "zero_stage: 1" in cfg and str(run / "data") in cfg  # the resolved config that was launched
         assert row["processes"] == 2 and row["train_flops"] > 0
-        assert 0.0 <= metrics[-1]["eval/brierlm"] <= 100.0  # the trainer's held-out evaluation at the end
+        # the trainer's held-out evaluation at the end: BrierLM is the geometric mean of its own Brier-n
+        assert metrics[-1]["eval/brierlm"] == pytest.approx(brierlm_of(metrics[-1], "eval/"), abs=1e-9)
         # global batch = micro-batch 4 x 2 processes, 256 tokens per sample
         assert row["train_tokens"] == 8 * 4 * 2 * 256
 
@@ -130,7 +132,7 @@ def test_brierlm_samples_release_and_plot(demo):
     scores = json.loads((run / "eval.json").read_text())
     for name in ("calm", "transformer"):
         assert rows["evaluate"][name] == scores[name]["brierlm"]
-        assert 0.0 <= scores[name]["brierlm"] <= 100.0
+        assert scores[name]["brierlm"] == pytest.approx(brierlm_of(scores[name]), abs=1e-9)
         assert rows["evaluate"][f"{name}_brier_n"] == [scores[name][f"brier_{n}"] for n in range(1, 5)]
     assert rows["evaluate"]["heldout_tokens"] == 8 * 256
     samples = json.loads((run / "samples.json").read_text())

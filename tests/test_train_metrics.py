@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from calm_pretrain.config import load_config
-from calm_pretrain.train.run import run_training
+from calm_pretrain.train.checkpoint import trained_model
+from calm_pretrain.train.run import held_out_blocks, run_training
+from tests.helpers.brier import brierlm_of, exact_lm_brier_1, reconstruction_accuracy
 
 TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=64", "model.pad_token_id=0",
         "model.eos_token_id=2", "model.bos_token_id=1", "train.warmup_steps=1", "train.log_every=1",
@@ -36,7 +38,9 @@ def test_transformer_run_logs_brier_mfu_memory_wandb_and_tensorboard(tmp_path, t
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     evaluated = [r for r in records if "eval/brierlm" in r]
     assert [r["step"] for r in evaluated] == [2, 4]
-    assert all(-1.0 <= r["eval/brier_1"] <= 1.0 for r in evaluated)
+    # The last evaluation is the final model's exact Brier-1 (its softmax, by hand, on the run's blocks).
+    assert evaluated[-1]["eval/brier_1"] == pytest.approx(exact_lm_brier_1(trained_model(run), held_out_blocks(cfg)),
+                                                          rel=1e-6)
     for r in records:
         # MFU is tokens/s × FLOPs per token / peak: recompute it from the logged parts.
         assert r["mfu"] > 0 and r["memory_gb"] > 0.01
@@ -54,7 +58,9 @@ def test_autoencoder_run_logs_held_out_reconstruction(tmp_path, tokens):
                              "train.wandb=off", f"train.output_dir={run}"])
     assert run_training(cfg, log=lambda s: None) == 0
     last = _records(run)[-1]
-    assert 0.0 <= last["eval/accuracy"] <= 1.0 and 0.0 <= last["eval/accuracy_noise_0.3"] <= 1.0
+    ae, blocks = trained_model(run), held_out_blocks(cfg)
+    assert last["eval/accuracy"] == reconstruction_accuracy(ae, blocks)  # the final AE's, counted by hand
+    assert "eval/accuracy_noise_0.3" in last
     assert {"ce", "kl", "accuracy"} <= set(last)
 
 
@@ -80,7 +86,9 @@ def test_calm_run_with_its_autoencoder_scores_brierlm_and_refuses_other_latents(
                  "train.wandb=off", f"train.output_dir={run}"]
     assert run_training(load_config(None, overrides), log=lambda s: None) == 0
     evaluated = [r for r in _records(run) if "eval/brierlm" in r]
-    assert [r["step"] for r in evaluated] == [2, 4] and all(-1 <= r["eval/brier_1"] <= 1 for r in evaluated)
+    assert [r["step"] for r in evaluated] == [2, 4]
+    last = evaluated[-1]  # BrierLM is the geometric mean of the logged Brier-n
+    assert last["eval/brierlm"] == pytest.approx(brierlm_of(last, "eval/"), abs=1e-9)
 
     torch.manual_seed(1)  # another autoencoder: the latents were not made with it
     save_autoencoder(build_model(tiny_ae_config(vocab_size=64, latent_dim=8)).eval(), tmp_path / "other_ae")

@@ -7,12 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # apex's fused kernel when present (GPU clusters); torch's own otherwise
-    from apex.normalization import FusedRMSNorm as _ApexRMSNorm  # type: ignore
-except Exception:  # noqa: BLE001 - apex is optional and often half-installed
-    _ApexRMSNorm = None
-
-
 class RMSNorm(nn.Module):
     """w · x / sqrt(mean(x²) + eps), computed in fp32 as in Llama."""
 

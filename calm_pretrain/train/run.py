@@ -96,11 +96,11 @@ def build_loader(cfg: RunConfig, dp_rank: int, dp_world_size: int, ae: Optional[
 
 
 def held_out_blocks(cfg: RunConfig) -> list[torch.Tensor]:
-    """The token blocks every evaluation of this run scores: `eval.max_blocks` (default 16) of `data.eval`,
+    """The token blocks every evaluation of this run scores: `eval.max_blocks` (0: all) of `data.eval`,
     spread over the held-out set by a fixed seed (calm_pretrain.eval.source.heldout_blocks)."""
     from calm_pretrain.eval.source import heldout_blocks
 
-    return heldout_blocks(cfg.data.eval, cfg.eval.max_blocks or 16)
+    return heldout_blocks(cfg.data.eval, cfg.eval.max_blocks)
 
 
 def build_evaluator(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> Optional[Callable]:
@@ -215,6 +215,42 @@ def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
         shutdown()
 
 
+def _build_planned_model(cfg: RunConfig, device, world_size: int, use_deepspeed: bool, ae, say) -> torch.nn.Module:
+    """The model with the same initial weights on every rank (or a release's), then the plans that
+    apply to it: tensor-parallel splits, activation checkpointing, ZeRO-3 leaves."""
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size) if use_deepspeed \
+            else build_model(cfg.model)
+    if cfg.train.init_from:
+        _init_from_release(model, cfg.train.init_from, say, cfg, ae)
+    if cfg.parallel.tensor > 1:
+        from calm_pretrain.parallel.tensor import apply_tensor_parallel
+
+        say(f"tensor parallel: {apply_tensor_parallel(model)} layers split over {cfg.parallel.tensor} ranks")
+    if cfg.train.activation_checkpointing:
+        say(f"activation checkpointing on {apply_activation_checkpointing(model)} blocks")
+    if use_deepspeed and cfg.train.zero_stage == 3:
+        mark_zero3_leaves(model)
+    return model
+
+
+def _callbacks(cfg: RunConfig, out: Path, rank: int, ae, pipelined: bool, say) -> list:
+    """The optional features a run config turns on: wandb, TensorBoard, the periodic held-out eval."""
+    callbacks = []
+    if cfg.train.wandb != "off":
+        callbacks.append(WandbCallback(out, cfg.to_dict(), cfg.train.wandb_project, cfg.name, cfg.train.wandb, rank))
+    if cfg.train.tensorboard:
+        callbacks.append(TensorBoardCallback(out / "tensorboard", rank))
+    evaluate = build_evaluator(cfg, ae)
+    if evaluate is not None and pipelined:
+        say("data.eval: periodic evaluation is not run under pipeline parallelism (no rank holds the whole "
+            "model); evaluate the exported release instead")
+    elif evaluate is not None:
+        callbacks.append(EvalCallback(evaluate, cfg.train.eval_every))
+    return callbacks
+
+
 def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup: contextlib.ExitStack) -> int:
     rank, world_size = init_distributed(cfg.train.dist_timeout_minutes)
     use_deepspeed = cfg.train.engine == "deepspeed" or (cfg.train.engine == "auto" and "RANK" in os.environ)
@@ -241,20 +277,7 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
     check_data(cfg)  # before the model is built
 
     ae = load_frozen_autoencoder(cfg)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    with torch.device(device):
-        model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size) if use_deepspeed \
-            else build_model(cfg.model)
-    if cfg.train.init_from:
-        _init_from_release(model, cfg.train.init_from, say, cfg, ae)
-    if cfg.parallel.tensor > 1:
-        from calm_pretrain.parallel.tensor import apply_tensor_parallel
-
-        say(f"tensor parallel: {apply_tensor_parallel(model)} layers split over {cfg.parallel.tensor} ranks")
-    if cfg.train.activation_checkpointing:
-        say(f"activation checkpointing on {apply_activation_checkpointing(model)} blocks")
-    if use_deepspeed and cfg.train.zero_stage == 3:
-        mark_zero3_leaves(model)
+    model = _build_planned_model(cfg, device, world_size, use_deepspeed, ae, say)
     # Noise (energy-head samples, AE masking) differs between data-parallel replicas and is the same on
     # the ranks of one replica (its replicated head must see one draw); checkpoints keep it.
     torch.manual_seed(tensor_parallel_seed(cfg.train.seed, coords))
@@ -282,19 +305,8 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
         f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source}); engine "
         f"{'DeepSpeed ZeRO-' + str(cfg.train.zero_stage) if use_deepspeed else 'torch'}; world size {world_size}")
 
-    callbacks = []
-    if cfg.train.wandb != "off":
-        callbacks.append(WandbCallback(out, cfg.to_dict(), cfg.train.wandb_project, cfg.name, cfg.train.wandb, rank))
-    if cfg.train.tensorboard:
-        callbacks.append(TensorBoardCallback(out / "tensorboard", rank))
-    evaluate = build_evaluator(cfg, ae)
-    if evaluate is not None and topology is not None:
-        say("data.eval: periodic evaluation is not run under pipeline parallelism (no rank holds the whole "
-            "model); evaluate the exported release instead")
-    elif evaluate is not None:
-        callbacks.append(EvalCallback(evaluate, cfg.train.eval_every))
-
-    trainer = Trainer(cfg, engine.module, loader, out, engine=engine, callbacks=callbacks, log=log,
+    trainer = Trainer(cfg, engine.module, loader, out, engine=engine, log=log,
+                      callbacks=_callbacks(cfg, out, rank, ae, pipelined=topology is not None, say=say),
                       checkpointer=Checkpointer(out / "checkpoints", cfg.train.keep_last, rank, world_size, log=say),
                       stop=stop, rank=rank, world_size=world_size, flops_per_token=flops, peak_flops=peak)
     try:
