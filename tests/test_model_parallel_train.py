@@ -10,7 +10,7 @@ from tests.helpers.runs import read_log, read_losses, run_train, train_config
 
 
 @pytest.mark.slow
-def test_tensor_parallel_run_matches_the_unsplit_run_and_exports_the_same_weights(tmp_path, data):
+def test_tensor_parallel_run_matches_the_unsplit_run_and_exports_the_same_weights(tmp_path, data, capfd):
     flat, split = tmp_path / "flat", tmp_path / "split"
     assert run_train(train_config(tmp_path / "f.yaml", data, flat, max_steps=6), flat, world_size=1) == [0], read_log(flat)
     cfg = train_config(tmp_path / "s.yaml", data, split, max_steps=6)
@@ -26,7 +26,9 @@ def test_tensor_parallel_run_matches_the_unsplit_run_and_exports_the_same_weight
     assert [r[0] for r in b] == list(range(1, 7)) and a[0][1] != a[-1][1]
     for (_, x, gx), (_, y, gy) in zip(a, b):  # CALM: the replicated head draws the same noise on both ranks
         assert abs(x - y) < 1e-4 * abs(x) and abs(gx - gy) < 1e-3 * abs(gx), (a, b)
+    capfd.readouterr()
     (sa, _), (sb, model_cfg) = consolidated_state_dict(flat), consolidated_state_dict(split)
+    assert capfd.readouterr() == ("", "")  # DeepSpeed's consolidation progress is not shown to a user
     assert sa.keys() == sb.keys()
     for name in sa:
         torch.testing.assert_close(sb[name], sa[name], rtol=1e-3, atol=1e-5)

@@ -98,14 +98,9 @@ def training_settings(ctx: DemoContext, name: str) -> dict:
 
 def load_trained(run_dir: Path):
     """A model from a training run's newest checkpoint (consolidated from any ZeRO stage), eval mode."""
-    import contextlib
-    import io
-
     from calm_pretrain.train.checkpoint import trained_model
 
-    chatter = io.StringIO()  # DeepSpeed's consolidation prints its progress
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        return trained_model(run_dir)
+    return trained_model(run_dir)
 
 
 def _sample(model, ae, prompt, gen_cfg: GenerateSection, temperature: float, seed: int) -> list[int]:

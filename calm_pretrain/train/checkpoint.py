@@ -24,10 +24,13 @@ that were just written or verified.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -293,10 +296,18 @@ def _engine_state_dict(path: Path, config) -> dict:
 
         shards = [safe_load(f)["module"] for f in sorted(engine.glob("mp_rank_*_model_states.pt"))]
         return merge_tensor_parallel_shards(shards, config.vocab_size)
-    # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors
+    # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors. It prints its progress
+    # ("Detected checkpoint of type zero stage ...", "Reconstructed fp32 state dict ..."), which a user
+    # reading `calm-pretrain eval` output has no use for: kept, and shown only if the merge fails.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
+    except Exception:
+        sys.stderr.write(chatter.getvalue())
+        raise
 
 
 def trained_model(path: Path):
