@@ -28,6 +28,11 @@ class ModelSpec:
     checkpoint_blocks: tuple = ()    # module classes whose activations are recomputed in backward
     zero3_leaves: tuple = ()         # module classes ZeRO-3 must gather whole (they read a child's weights)
     release: Any = None              # the release adapter (calm_pretrain/release)
+    label: str = ""                  # short display name in plots and sweep groups ("CALM"); "": the arch
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.arch
 
     @property
     def pipeline(self) -> bool:

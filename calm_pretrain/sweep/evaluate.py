@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from calm_pretrain.config import load_config
-from calm_pretrain.models.autoencoder import AutoencoderConfig
+from calm_pretrain.models import spec_of
 from calm_pretrain.sweep.collect import EVAL_FILE, read_records
 from calm_pretrain.sweep.errors import SweepError
 
@@ -64,7 +64,7 @@ def evaluate_plan(plan_dir: str | os.PathLike, force: bool = False, max_blocks: 
             recs = read_records(Path(p["run_dir"]) / "metrics.jsonl")
             if recs and recs[-1].get("step") == step:
                 continue  # already scored at the final step
-        if p["arch"] == "calm" and not p.get("ae_path"):
+        if spec_of(p["arch"]).uses_autoencoder and not p.get("ae_path"):
             print(f"{p['name']}: not scored (a CALM point without an autoencoder: set autoencoders.{p['k']} "
                   "or the base config's model.ae_path)")
             continue
@@ -80,7 +80,7 @@ def export_autoencoder(run_dir: str | os.PathLike, release: str | os.PathLike) -
     from data_pipeline.ae_io import save_autoencoder
 
     state, cfg = consolidated_state_dict(Path(run_dir))
-    if not isinstance(cfg, AutoencoderConfig):
+    if not spec_of(cfg).encodes_latents:
         raise SweepError(f"{run_dir}: the checkpoint holds a {cfg.arch} model, not an autoencoder")
     ae = build_model(cfg)
     ae.load_state_dict(state, strict=False)

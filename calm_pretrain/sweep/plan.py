@@ -13,9 +13,8 @@ from typing import Any, Optional
 import yaml
 
 from calm_pretrain.config import ConfigError, dump_config, load_config, RunConfig
+from calm_pretrain.models import spec_of
 from calm_pretrain.models.autoencoder import AutoencoderConfig
-from calm_pretrain.models.calm import CALMConfig
-from calm_pretrain.models.transformer import TransformerConfig
 from calm_pretrain.sweep.errors import SweepError
 from calm_pretrain.sweep.submit import REPO, write_submit
 
@@ -103,8 +102,23 @@ def _params(cfg: RunConfig) -> int:
 
 
 def sample_tokens_of(cfg: RunConfig) -> int:
-    m = cfg.model
-    return cfg.data.seq_chunks * (m.k if isinstance(m, (CALMConfig, AutoencoderConfig)) else 1)
+    return cfg.data.seq_chunks * cfg.model.tokens_per_position
+
+
+def _chunk_k(m) -> Optional[int]:
+    """K of a model that works in chunks of K tokens (CALM, its autoencoder); None for a token-level one."""
+    spec = spec_of(m)
+    chunked = spec.uses_autoencoder or spec.encodes_latents or m.tokens_per_position > 1
+    return m.tokens_per_position if chunked else None
+
+
+def _group(m) -> str:
+    """A point's group in fits and plots: a model on an autoencoder's latents (the sweep's subject, CALM) by
+    its K alone ("K=4"); another by its spec's label, with its K if it works in chunks ("AE K=4", "Transformer")."""
+    spec, k = spec_of(m), _chunk_k(m)
+    if spec.uses_autoencoder:
+        return f"K={k}"
+    return spec.display_name if k is None else f"{spec.display_name} K={k}"
 
 
 def _entry(kind: str, name: str, cfg: RunConfig, config_path: Path, index: int, ae: Optional[AutoencoderConfig],
@@ -115,11 +129,9 @@ def _entry(kind: str, name: str, cfg: RunConfig, config_path: Path, index: int, 
     per_token, infer = _flops(cfg, ae)
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size * sample_tokens_of(cfg)
     tokens = tokens_per_step * cfg.train.max_steps
-    k = getattr(m, "k", None) if m.arch != "transformer" else None
-    group = "Transformer" if m.arch == "transformer" else (f"AE K={k}" if m.arch == "autoencoder" else f"K={k}")
-    head = m.head if isinstance(m, CALMConfig) else None
-    return {"name": name, "kind": kind, "arch": m.arch, "k": k, "size": size, "group": group, "grid": grid,
-            "index": index, "config": str(config_path), "run_dir": cfg.train.output_dir, "params": _params(cfg),
+    head = getattr(m, "head", None)  # a CALM's generative head
+    return {"name": name, "kind": kind, "arch": m.arch, "k": _chunk_k(m), "size": size, "group": _group(m),
+            "grid": grid, "index": index, "config": str(config_path), "run_dir": cfg.train.output_dir, "params": _params(cfg),
             "context": cfg.data.seq_chunks, "sample_tokens": sample_tokens_of(cfg),
             "head": head.type if head else None, "evals_per_vector": evals_per_sample(head) if head else None,
             "training_flops_per_token": per_token, "inference_flops_per_token": infer,
@@ -224,7 +236,7 @@ def _autoencoder_stages(sw: _Sweep) -> _Autoencoders:
         if data.get("ae_tokens"):
             ov.append(f"data.train={json.dumps([str(_path(_fmt(data['ae_tokens'], k=k), REPO))])}")
         cfg = sw.load(spec["config"], ov, f"autoencoders.{k}")
-        if cfg.model.arch != "autoencoder":
+        if not spec_of(cfg.model).encodes_latents:
             raise SweepError(f"{sw.path}: autoencoders.{k}.config is a {cfg.model.arch} config, not an autoencoder")
         aes.cfgs[k] = cfg
         aes.release[k] = _path(spec["release"], REPO) if spec.get("release") else run_dir / "release"
@@ -250,14 +262,14 @@ def _autoencoder_stages(sw: _Sweep) -> _Autoencoders:
 def _point_inputs(sw: _Sweep, aes: _Autoencoders, section: dict, m) -> tuple[list[str], list[str], Any, Any]:
     """(overrides, stages it waits for, AE config counted in its FLOPs, ae_path) of one point's data."""
     extra, depends, ae, ae_path = [], [], None, getattr(m, "ae_path", None)
-    if isinstance(m, CALMConfig) and m.k in aes.specs:
-        k = m.k
+    on_latents, k = spec_of(m).uses_autoencoder, m.tokens_per_position
+    if on_latents and k in aes.specs:
         ae = aes.cfgs[k].model
         ae_path = str(aes.release[k])
         extra += [f"model.latent_dim={ae.latent_dim}", f"data.train={json.dumps([str(aes.latents[k])])}"]
         if any(s["k"] == k for s in aes.stages["encode"]):
             depends.append(f"encode-k{k}")
-    elif isinstance(m, CALMConfig) and m.ae_path:
+    elif on_latents and m.ae_path:
         from data_pipeline.ae_io import load_autoencoder
 
         try:
@@ -265,17 +277,16 @@ def _point_inputs(sw: _Sweep, aes: _Autoencoders, section: dict, m) -> tuple[lis
         except Exception:  # noqa: BLE001 - counted without the AE if it is not there yet
             ae = None
     fixed = section.get("overrides") or {}
-    if isinstance(m, TransformerConfig) and sw.tokens_of(1) and "data.train" not in fixed:
-        extra.append(f"data.train={json.dumps([sw.tokens_of(1)])}")
-        if not Path(sw.tokens_of(1)).exists():
-            sw.missing_inputs.append((None, sw.tokens_of(1)))
+    if not on_latents and sw.tokens_of(k) and "data.train" not in fixed:  # a model on token shards of its K
+        extra.append(f"data.train={json.dumps([sw.tokens_of(k)])}")
+        if not Path(sw.tokens_of(k)).exists():
+            sw.missing_inputs.append((None, sw.tokens_of(k)))
     sample_tokens = sw.data.get("sample_tokens")
     if sample_tokens and "data.seq_chunks" not in fixed:
-        k = getattr(m, "k", 1) if not isinstance(m, TransformerConfig) else 1
         if int(sample_tokens) % k:
             raise SweepError(f"{sw.path}: data.sample_tokens = {sample_tokens} is not a multiple of K = {k}")
         extra.append(f"data.seq_chunks={int(sample_tokens) // k}")
-    if sw.eval_dir and (getattr(m, "ae_path", None) or not isinstance(m, CALMConfig)):  # a CALM run
+    if sw.eval_dir and (getattr(m, "ae_path", None) or not on_latents):  # a CALM run
         extra.append(f"data.eval={json.dumps(sw.eval_dir)}")  # scores with its AE; without, the eval stage
     return extra, depends, ae, ae_path
 
@@ -361,7 +372,7 @@ def make_plan(sweep_path: str | os.PathLike, out: str | os.PathLike, *, force: b
     aes = _autoencoder_stages(sw)
     points, cfgs = _training_points(sw, aes, out)
     # Stages only for the K of some CALM point (an AE listed for a K outside the grid is not trained).
-    used = {p["k"] for p in points if p["arch"] == "calm"}
+    used = {p["k"] for p in points if spec_of(p["arch"]).uses_autoencoder}
     stages = {name: [st for st in sts if st["k"] in used] for name, sts in aes.stages.items()}
     sw.missing_inputs = [(k, path) for k, path in sw.missing_inputs if k is None or k in used]
     return _write_plan(sw, out, points, cfgs, stages)

@@ -7,12 +7,24 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from calm_pretrain.models import spec_of
 from calm_pretrain.sweep.fit import predict
 
 
-def _group_order(groups) -> list[str]:
+def _baseline(arch: str) -> bool:
+    """A baseline next to the sweep's subject (CALM, on an autoencoder's latents): the Transformer, drawn
+    dashed, after the CALM groups, scored by its cross-entropy."""
+    return not spec_of(arch).uses_autoencoder
+
+
+def _group_arch(runs) -> dict:
+    """{group: the arch of its runs}."""
+    return dict(zip(runs["group"], runs["arch"]))
+
+
+def _group_order(groups, arch_of: dict) -> list[str]:
     def key(g: str):
-        return (1, 0) if g == "Transformer" else (0, int(g.split("=")[1]) if "=" in g else 0)
+        return (1, 0) if _baseline(arch_of[g]) else (0, int(g.split("=")[1]) if "=" in g else 0)
     return sorted(set(groups), key=key)
 
 
@@ -26,17 +38,18 @@ def plot(runs, steps, fit_result: Optional[dict], out_dir: str | os.PathLike) ->
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = _group_order(runs["group"])
+    arch_of = _group_arch(runs)
+    groups = _group_order(runs["group"], arch_of)
     colours = {g: plt.get_cmap("tab10")(i) for i, g in enumerate(groups)}
     written = []
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for g in groups:
-        style = "--" if g == "Transformer" else "-"
+        baseline, name = _baseline(arch_of[g]), spec_of(arch_of[g]).display_name
+        style = "--" if baseline else "-"
         d = runs[(runs["group"] == g) & runs["final_brierlm"].notna() & (runs["training_flops"] > 0)]
-        label = "Transformer" if g == "Transformer" else f"CALM {g}"
-        ax.scatter(d["training_flops"], d["final_brierlm"], color=colours[g], marker="s" if g == "Transformer" else "o",
-                   zorder=3, label=label)
+        ax.scatter(d["training_flops"], d["final_brierlm"], color=colours[g], marker="s" if baseline else "o",
+                   zorder=3, label=g if baseline else f"{name} {g}")
         for _, r in d.iterrows():
             if isinstance(r["size"], str):
                 ax.annotate(r["size"], (r["training_flops"], r["final_brierlm"]), fontsize=7,
@@ -59,7 +72,7 @@ def plot(runs, steps, fit_result: Optional[dict], out_dir: str | os.PathLike) ->
     written.append(_save_figure(fig, out_dir / "brierlm_vs_flops.png"))
 
     if steps is not None and len(steps) and "loss" in steps:
-        archs = [a for a in ("calm", "transformer") if (steps["arch"] == a).any()]
+        archs = sorted(dict.fromkeys(steps["arch"]), key=_baseline)  # CALM's panel, then the baselines
         fig, axes = plt.subplots(1, max(1, len(archs)), figsize=(6.0 * max(1, len(archs)), 4.2), squeeze=False)
         sizes = list(dict.fromkeys(str(x) for x in runs["size"]))  # sweep order: small to large
         styles = [":", "--", "-.", "-"][-len(sizes):] if len(sizes) <= 4 else ["-"] * len(sizes)
@@ -70,9 +83,10 @@ def plot(runs, steps, fit_result: Optional[dict], out_dir: str | os.PathLike) ->
                 ax.plot(d["tokens"], d["loss"], style, color=colours.get(g, "k"), label=name, alpha=0.85)
             ax.set_xlabel("training tokens")
             heads = set(runs["head"].dropna()) if "head" in runs else set()
-            ax.set_ylabel("cross-entropy" if arch != "calm" else
+            ax.set_ylabel("cross-entropy" if _baseline(arch) else
                           "energy loss" if heads <= {"energy"} else "head loss (each head its own: not comparable)")
-            ax.set_title("CALM" if arch == "calm" else "Transformer baseline")
+            name = spec_of(arch).display_name
+            ax.set_title(f"{name} baseline" if _baseline(arch) else name)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=6)
         written.append(_save_figure(fig, out_dir / "loss_curves.png"))
@@ -89,7 +103,7 @@ STUDY_PANELS = [("energy_skill", "energy skill (> 0: uses its context)")] + \
 
 def plot_study(runs, steps, path: str | os.PathLike) -> Path:
     """A one-at-a-time study: each variant's held-out scores (± one standard error) against the training
-    FLOPs spent, from the evaluations during training; the Transformer's Brier-n dashed."""
+    FLOPs spent, from the evaluations during training; a baseline's (the Transformer's) Brier-n dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,11 +117,12 @@ def plot_study(runs, steps, path: str | os.PathLike) -> Path:
         if col not in steps:
             continue
         for name, d in steps[steps[col].notna()].groupby("name", sort=False):
-            transformer = d["arch"].iloc[0] == "transformer"
+            baseline = _baseline(d["arch"].iloc[0])
             se = d[f"{col}_se"] if f"{col}_se" in d else None
-            label = "Transformer" if transformer else str(runs.loc[runs["name"] == name, "variant"].iloc[0])
-            ax.errorbar(d["training_flops"], d[col], yerr=se, fmt="--s" if transformer else "-o", ms=3, capsize=2,
-                        color="k" if transformer else colours[name], label=label, alpha=0.85)
+            label = (spec_of(d["arch"].iloc[0]).display_name if baseline
+                     else str(runs.loc[runs["name"] == name, "variant"].iloc[0]))
+            ax.errorbar(d["training_flops"], d[col], yerr=se, fmt="--s" if baseline else "-o", ms=3, capsize=2,
+                        color="k" if baseline else colours[name], label=label, alpha=0.85)
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs")

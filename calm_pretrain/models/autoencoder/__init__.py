@@ -31,7 +31,7 @@ def example_batch(cfg: AutoencoderConfig, batch_size: int, seq_chunks: int, gene
 
 
 SPEC = ModelSpec(
-    arch="autoencoder", config=AutoencoderConfig, model=Autoencoder,
+    arch="autoencoder", label="AE", config=AutoencoderConfig, model=Autoencoder,
     components=(("encoder.embed_tokens.", "token embedding (tied)"), ("encoder.", "encoder"),
                 ("decoder.", "decoder")),
     loss=loss, data=data, example_batch=example_batch, evaluate=autoencoder_scores, training_flops=training_flops,

@@ -47,7 +47,7 @@ def example_batch(cfg: CALMConfig, batch_size: int, seq_chunks: int, generator) 
 
 
 SPEC = ModelSpec(
-    arch="calm", config=CALMConfig, model=CALM,
+    arch="calm", label="CALM", config=CALMConfig, model=CALM,
     components=(("transformer.embed_tokens.", "input embedding"), ("transformer.", "backbone layers"),
                 ("embed_proj.", "input compression"), ("mlp_generator.", "head")),
     loss=loss, data=data, example_batch=example_batch, evaluate=calm_scores, training_flops=training_flops, inference_flops=inference_flops,

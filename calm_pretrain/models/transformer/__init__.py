@@ -59,7 +59,7 @@ def example_batch(cfg: TransformerConfig, batch_size: int, seq_chunks: int, gene
 
 
 SPEC = ModelSpec(
-    arch="transformer", config=TransformerConfig, model=TransformerLM,
+    arch="transformer", label="Transformer", config=TransformerConfig, model=TransformerLM,
     components=(("transformer.embed_tokens.", "input embedding"), ("transformer.", "backbone layers"),
                 ("lm_head.", "output embedding")),
     loss=loss, data=data, example_batch=example_batch, evaluate=lm_scores, training_flops=training_flops, inference_flops=inference_flops,
