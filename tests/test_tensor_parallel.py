@@ -252,6 +252,12 @@ def _rank_order(rank, world_size):
 STEPS = 6
 
 
+def _forward_loss(arch):
+    if arch == "calm":
+        return lambda forward, b: (forward(b["ids"], b["mu"], b["log_sigma"]).loss, {})
+    return lambda forward, b: (forward(b["ids"]).loss, {})
+
+
 def _train(rank, world_size, arch, tp, out_path):
     import copy
 
@@ -285,29 +291,26 @@ def _train(rank, world_size, arch, tp, out_path):
         # The head's noise comes from the global generator, seeded as the trainer does: one seed per
         # DP replica, the same on the ranks of a TP group (else their replicated heads would drift apart).
         torch.manual_seed(tensor_parallel_seed(step, coords))
-        if arch == "calm":
-            loss = engine(mine["ids"], mine["mu"], mine["log_sigma"]).loss
-        else:
-            loss = engine(mine["ids"]).loss
-        engine.backward(loss)
-        norm, applied = engine.step(cfg.train.lr)
-        assert applied
-        mean_loss = loss.detach().clone()
+        result = engine.step(iter([mine]), cfg.train.lr, _forward_loss(arch))
+        norm, applied = result.grad_norm, result.applied
+        assert applied and result.tokens == mine["ids"].numel() // tp  # each TP rank counts its share
+        mean_loss = result.loss.float()
         dist.all_reduce(mean_loss, group=engine.engine.data_parallel_group)
         mean_loss = (mean_loss / dp).item()
 
         # The TP=1 reference on the whole global batch (CALM: each DP replica's rows with its noise).
-        if arch == "calm":
+        def ref_loss_fn(forward, whole):
+            if arch != "calm":
+                return forward(whole["ids"]).loss, {}
             parts = []
             for r in range(dp):
                 torch.manual_seed(tensor_parallel_seed(step, ParallelCoords(dp_rank=r, dp_size=dp)))
                 rows = slice(r * micro, (r + 1) * micro)
-                parts.append(ref(batch["ids"][rows], batch["mu"][rows], batch["log_sigma"][rows]).loss)
-            ref_loss = sum(parts) / dp
-        else:
-            ref_loss = ref(batch["ids"]).loss
-        ref_engine.backward(ref_loss)
-        ref_norm, _ = ref_engine.step(ref_cfg.train.lr)
+                parts.append(forward(whole["ids"][rows], whole["mu"][rows], whole["log_sigma"][rows]).loss)
+            return sum(parts) / dp, {}
+
+        ref_result = ref_engine.step(iter([batch]), ref_cfg.train.lr, ref_loss_fn)
+        ref_loss, ref_norm = ref_result.loss, ref_result.grad_norm
         history.append((mean_loss, ref_loss.item(), norm, ref_norm))
 
     # Replicated parameters are identical on the ranks of a TP group; split ones match the reference.

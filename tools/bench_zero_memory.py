@@ -83,14 +83,23 @@ def _rank(rank, world, port, config, overrides, out):
     batch = spec_of(cfg.model).example_batch(cfg.model, 1, cfg.data.seq_chunks, torch.Generator().manual_seed(0))
     if cfg.train.precision == "bf16":
         batch = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
-    loss, _ = model_loss(cfg.model, engine, batch)
-    loss_value = loss.item()
-    after_forward = rss()
-    engine.backward(loss)
-    after_backward = rss()
-    del loss
-    live_before_step = live_tensor_gib()
-    grad_norm, applied = engine.step(1e-4)
+    seen = {}
+
+    def loss_fn(forward, b):
+        out = model_loss(cfg.model, forward, b)
+        seen["after_forward"] = rss()
+        return out
+
+    ds_step = engine.engine.step  # with one micro-batch, DeepSpeed's step() is the window's update
+
+    def measured_step(*args, **kwargs):
+        seen["after_backward"], seen["live_before_step"] = rss(), live_tensor_gib()
+        return ds_step(*args, **kwargs)
+
+    engine.engine.step = measured_step
+    result = engine.step(iter([batch]), 1e-4, loss_fn)
+    loss_value, grad_norm, applied = float(result.loss), result.grad_norm, result.applied
+    after_forward, after_backward, live_before_step = seen["after_forward"], seen["after_backward"], seen["live_before_step"]
     live_after_step = live_tensor_gib()
     record = {"rank": rank, "zero_stage": cfg.train.zero_stage, "peak_rss_gib": rss(), "rss_after_build_gib": after_build,
               "rss_after_engine_gib": after_init,

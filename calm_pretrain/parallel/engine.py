@@ -6,15 +6,11 @@
   the optimizer state. Tensor and pipeline parallelism come in through the same class (a megatron-core
   plan applied to the model first, a PipelineModule instead of the model).
 
-The training loop talks only to this interface:
-  ``engine(*inputs)``  forward (through DeepSpeed's engine, whose forward hooks ZeRO-3 needs to count
-                       micro-steps: calling the bare module silently keeps only the last micro-batch's
-                       gradient under ZeRO-3 with accumulation);
-  ``backward(loss)``   loss of one micro-batch, unscaled;
-  ``step(lr) -> (grad_norm, applied)``  at the end of an accumulation window: clip, update; a window
-                       whose gradient norm is not finite is dropped without touching weights or
-                       optimizer state (``applied`` False) — on every rank alike, as the norm is global;
-  ``save(dir)`` / ``load(dir)``  model and optimizer state (each rank writes its own partition).
+Both, and the pipeline's engine, implement :class:`calm_pretrain.parallel.engine_api.Engine`: ``module``,
+``device``, ``step(batches, lr, loss_fn) -> StepResult`` (one whole accumulation window: forward,
+backward, clip, update; a window whose gradient norm is not finite is dropped without touching weights
+or optimizer state, on every rank alike, as the norm is global) and ``save(dir)`` / ``load(dir, saved)``
+(model and optimizer state; each rank writes its own partition).
 """
 from __future__ import annotations
 
@@ -30,6 +26,7 @@ import torch
 from torch import nn
 
 from calm_pretrain.config import RunConfig
+from calm_pretrain.parallel.engine_api import StepResult, accumulate_window
 from calm_pretrain.parallel.groups import ParallelLayout
 
 
@@ -62,13 +59,15 @@ class TorchEngine:
         self.module, self.cfg = model, cfg
         self.optimizer = build_optimizer(model, cfg)
 
-    def __call__(self, *inputs, **kwargs):
-        return self.module(*inputs, **kwargs)
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.cfg.train.grad_accum_steps).backward()
-
-    def step(self, lr: float) -> tuple[float, bool]:
+    def step(self, batches, lr: float, loss_fn) -> StepResult:
+        """One accumulation window: each micro-batch's loss / n backward, then clip and update (or drop)."""
+        n = self.cfg.train.grad_accum_steps
+        loss, extras, tokens = accumulate_window(self.module, lambda x: (x / n).backward(), batches, loss_fn, n,
+                                                 self.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip).item()
         applied = math.isfinite(grad_norm)
         if applied:
@@ -76,16 +75,16 @@ class TorchEngine:
                 group["lr"] = lr
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, applied
+        return StepResult(loss, tokens, grad_norm, applied, extras)
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                    path / "engine.pt")
 
-    def load(self, path: Path, saved: ParallelLayout) -> None:
+    def load(self, path: Path, saved_layout: ParallelLayout) -> None:
         if not (path / "engine.pt").is_file():
-            raise FileNotFoundError(f"{path}: no engine.pt; this checkpoint was written by DeepSpeed ({saved}): "
+            raise FileNotFoundError(f"{path}: no engine.pt; this checkpoint was written by DeepSpeed ({saved_layout}): "
                                     "resume it under torchrun or with train.engine=deepspeed")
         from calm_pretrain.train.safe_load import safe_load
 
@@ -214,18 +213,32 @@ class DeepSpeedEngine:
         # The ranks of a tensor-parallel group read the same micro-batch: each counts its share of it.
         self.token_share = 1.0 / (mpu.get_tensor_model_parallel_world_size() if mpu is not None else 1)
 
-    def __call__(self, *inputs, **kwargs):
-        return self.engine(*inputs, **kwargs)
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """DeepSpeed divides by the accumulation steps itself and must see one step() per micro-batch
-        (inside the window step() only advances its counter; ZeRO reduces gradients at the boundary)."""
-        self.engine.backward(loss)
-        if not self.engine.is_gradient_accumulation_boundary():
-            self.engine.step()
+    def step(self, batches, lr: float, loss_fn) -> StepResult:
+        """One accumulation window, in DeepSpeed's own accumulation API: every micro-batch goes forward
+        through DeepSpeed's engine (ZeRO-3's hooks count micro-steps there: the bare module would keep only
+        the last micro-batch's gradient), then ``engine.backward(loss)`` (DeepSpeed divides by the
+        accumulation steps itself) and ``engine.step()``, which inside the window only advances its
+        micro-step counter. At the boundary (the last micro-batch) ZeRO reduces the gradients, and
+        ``step()`` clips and updates; the learning rate is set just before."""
+        ds = self.engine
 
-    def step(self, lr: float) -> tuple[float, bool]:
-        """End of the accumulation window: clip, update (DeepSpeed does both), return the grad norm."""
+        def backward(loss: torch.Tensor) -> None:
+            ds.backward(loss)
+            if not ds.is_gradient_accumulation_boundary():
+                ds.step()
+
+        n = self.cfg.train.grad_accum_steps
+        loss, extras, tokens = accumulate_window(ds, backward, batches, loss_fn, n, self.device, self.token_share)
+        assert ds.is_gradient_accumulation_boundary(), "the window must end at DeepSpeed's accumulation boundary"
+        grad_norm, applied = self._boundary_step(lr)
+        return StepResult(loss, tokens, grad_norm, applied, extras)
+
+    def _boundary_step(self, lr: float) -> tuple[float, bool]:
+        """The window's last step(): clip, update (DeepSpeed does both); (grad norm, applied)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.cfg.train.zero_stage == 0:
@@ -247,8 +260,8 @@ class DeepSpeedEngine:
     def save(self, path: Path) -> None:
         save_deepspeed_checkpoint(self.engine, path, self.module)
 
-    def load(self, path: Path, saved: ParallelLayout) -> None:
-        load_deepspeed_checkpoint(self.engine, path, saved, self.layout, self.module.config)
+    def load(self, path: Path, saved_layout: ParallelLayout) -> None:
+        load_deepspeed_checkpoint(self.engine, path, saved_layout, self.layout, self.module.config)
 
 
 def save_deepspeed_checkpoint(engine, path: Path, model: nn.Module) -> None:

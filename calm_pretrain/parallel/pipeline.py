@@ -5,9 +5,10 @@ spec (calm_pretrain/models/registry.py: CALM's in models/calm/pipeline_stages.py
 models/pipeline_stages.py): a first stage (embeddings), the decoder blocks (partitioned across stages by
 parameter count), and a last stage that ends in the loss or in logits for DeepSpeed's ``loss_fn``.
 
-The engine adapter owns the whole accumulation window (``train_window``): DeepSpeed's pipeline engine
-pulls ``grad_accum_steps`` micro-batches itself on the first and last stages, runs 1F1B, all-reduces
-over data-parallel replicas, clips and steps. Pipeline parallelism goes with ZeRO stage 0 or 1.
+The engine adapter's ``step`` (the one engine interface, ``calm_pretrain.parallel.engine_api``) is
+DeepSpeed's ``train_batch``: DeepSpeed's pipeline engine pulls ``grad_accum_steps`` micro-batches itself
+on the first and last stages, runs 1F1B, all-reduces over data-parallel replicas, clips and steps.
+Pipeline parallelism goes with ZeRO stage 0 or 1.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from calm_pretrain.config import RunConfig
 from calm_pretrain.models.registry import spec_of
+from calm_pretrain.parallel.engine_api import StepResult
 from calm_pretrain.train.safe_load import safe_load
 
 
@@ -36,9 +38,7 @@ def pipeline_batch(config, batch: dict):
 
 
 class PipelineEngine:
-    """The trainer's engine interface for a pipeline: one call runs a whole accumulation window."""
-
-    owns_schedule = True
+    """The engine interface for a pipeline: ``step`` runs a whole accumulation window (1F1B)."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, topology, world_size: int):
         import deepspeed
@@ -71,10 +71,14 @@ class PipelineEngine:
         # reports its share, so a sum over all ranks counts every sample once.
         tp = topology.get_dim("model") if "model" in topology.get_axis_names() else 1
         self.token_share = 1.0 / (2 * tp)
-        self.device = next(self.pipe.parameters()).device
 
-    def train_window(self, batches: Iterator[dict], lr: float) -> tuple[float, int, float, bool]:
-        """(mean loss over the window and DP replicas, this rank's token share, grad norm, applied)."""
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.parameters()).device
+
+    def step(self, batches: Iterator[dict], lr: float, loss_fn=None) -> StepResult:
+        """The window: mean loss over it and the DP replicas (a tensor), this rank's token share, grad norm,
+        applied. `loss_fn` is not used: the last stage computes the loss (``pipeline_layers``)."""
         tokens = [0]
 
         def micro_batches():
@@ -90,17 +94,17 @@ class PipelineEngine:
         applied = self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()
         grad_norm = float(norm) if applied and norm is not None else float("nan")
-        return float(loss), int(tokens[0] * self.token_share), grad_norm, applied
+        return StepResult(loss, int(tokens[0] * self.token_share), grad_norm, applied)
 
     def save(self, path) -> None:
         from calm_pretrain.parallel.engine import save_deepspeed_checkpoint
 
         save_deepspeed_checkpoint(self.engine, path, self.module)
 
-    def load(self, path, saved) -> None:
+    def load(self, path, saved_layout) -> None:
         from calm_pretrain.parallel.engine import load_deepspeed_checkpoint
 
-        load_deepspeed_checkpoint(self.engine, path, saved, self.layout, self.module.config)
+        load_deepspeed_checkpoint(self.engine, path, saved_layout, self.layout, self.module.config)
 
 
 def pipeline_parameter_names(model_config) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """The training loop: one readable step function, checkpoints, preemption, metrics through callbacks.
 
-The engine (`calm_pretrain.parallel.engine`: plain PyTorch, or DeepSpeed ZeRO under torchrun) owns
-forward, backward and the optimizer step; the loop, the per-architecture loss, checkpointing and the
-metrics do not change with it. Everything with state exposes ``state_dict`` / ``load_state_dict``:
+The engine (`calm_pretrain.parallel.engine_api.Engine`: plain PyTorch, DeepSpeed ZeRO under torchrun,
+or a DeepSpeed pipeline) runs a whole accumulation window (forward, backward, the optimizer step); the
+loop, the per-architecture loss, checkpointing and the metrics do not change with it. Everything with state exposes ``state_dict`` / ``load_state_dict``:
 the trainer's own (step, counters) goes into ``trainer_state.json`` together with the loader's.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from calm_pretrain.config import RunConfig
 from calm_pretrain.models.registry import spec_of
 from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
+from calm_pretrain.parallel.engine_api import Engine, StepResult, as_number
 from calm_pretrain.parallel.groups import ParallelLayout
 from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, read_trainer_state
 from calm_pretrain.train.divergence import DivergenceMonitor, TrainingDiverged
@@ -108,7 +109,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, model: nn.Module, batches: Iterable[dict], out_dir: Path, *,
-                 engine=None, callbacks: Iterable[Callback] = (), log: Callable[[str], None] = print,
+                 engine: Optional[Engine] = None, callbacks: Iterable[Callback] = (),
+                 log: Callable[[str], None] = print,
                  checkpointer: Optional[Checkpointer] = None, stop: Optional[StopRequest] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None, flops_per_token: float = 0.0, peak_flops: float = 0.0):
         self.cfg, self.model = cfg, model
@@ -136,31 +138,24 @@ class Trainer:
         self._bad_inputs: list[tuple[int, int]] = []  # this step's samples with non-finite inputs
         self.exit_reason = "running"
         # A pipeline rank holds only its stage's weights (the rest of `model` is on the meta device).
-        self.device = getattr(self.engine, "device", None) or next(model.parameters()).device
+        self.device = self.engine.device
 
     # ---- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
-        """Accumulate `grad_accum_steps` micro-batches, clip, update; skip the update if not finite."""
-        cfg = self.cfg.train
-        lr = lr_for(self.step, cfg)
+        """One accumulation window of `grad_accum_steps` micro-batches, run by the engine: clip, update, or
+        skip the update if the gradient norm is not finite (the norm is global: every rank decides alike)."""
+        lr = lr_for(self.step, self.cfg.train)
         self.model.train()
-        loss_sum, extras, tokens = 0.0, {}, 0
         self._bad_inputs = []
-        if getattr(self.engine, "owns_schedule", False):  # a pipeline runs the whole window (1F1B) itself
-            loss_sum, tokens, grad_norm, applied = self.engine.train_window(self.batches, lr)
-            return self._count(lr, loss_sum, tokens, grad_norm, applied, extras)
-        for _ in range(cfg.grad_accum_steps):
-            raw = next(self.batches)
+        config = self.model.config
+        result = self.engine.step(self._scanned(), lr, lambda forward, batch: model_loss(config, forward, batch))
+        return self._count(lr, result)
+
+    def _scanned(self):
+        """The loader's micro-batches, each scanned for non-finite inputs as the engine pulls it."""
+        for raw in self.batches:
             self._scan_inputs(raw)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in raw.items() if isinstance(v, torch.Tensor)}
-            loss, extra = model_loss(self.model.config, self.engine, batch)
-            self.engine.backward(loss)
-            loss_sum += loss.item() / cfg.grad_accum_steps
-            tokens += int(batch["ids"].numel() * getattr(self.engine, "token_share", 1.0))
-            for k, v in extra.items():
-                extras[k] = extras.get(k, 0.0) + v / cfg.grad_accum_steps
-        grad_norm, applied = self.engine.step(lr)  # the norm is global: every rank decides alike
-        return self._count(lr, loss_sum, tokens, grad_norm, applied, extras)
+            yield raw
 
     def _scan_inputs(self, batch: dict) -> None:
         """Remember the (dataset, index) of samples whose float inputs (CALM's latents) are not finite."""
@@ -178,15 +173,18 @@ class Trainer:
         describe = getattr(self.loader, "describe_sample", None)
         return [describe(ds, i) if describe else f"sample {i} of dataset {ds}" for ds, i in found]
 
-    def _count(self, lr, loss_sum, tokens, grad_norm, applied, extras) -> dict:
+    def _count(self, lr: float, result: StepResult) -> dict:
+        """The step's record; the engine's on-device sums become numbers here, once per step."""
+        applied = result.applied
         if applied:
             self.nonfinite_in_a_row = 0
         else:  # the engine dropped the gradients: the weights are those of the last good step
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
         self.step += 1
-        record = {"step": self.step, "loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
-                  "skipped": not applied, **extras}
+        extras = {k: as_number(v) for k, v in result.extras.items()}
+        record = {"step": self.step, "loss": as_number(result.loss), "grad_norm": result.grad_norm, "lr": lr,
+                  "tokens": result.tokens, "skipped": not applied, **extras}
         if not applied:
             record["nonfinite_inputs"] = self._bad_input_names()
         return record
