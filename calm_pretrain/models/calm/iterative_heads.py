@@ -105,7 +105,23 @@ class AdaLNMLP(nn.Module):
         return self.final_layer(x, y)
 
 
-class FlowHead(nn.Module):
+class _AdaLNHead(nn.Module):
+    """What flow and diffusion share: the AdaLN network over (x, time, condition) and the number of
+    network evaluations one sample takes (``evals_for``, each head's own)."""
+
+    def __init__(self, hidden_size: int, latent_dim: int, head_cfg):
+        super().__init__()
+        self.cfg = head_cfg
+        self.latent_dim = latent_dim
+        self.net = AdaLNMLP(hidden_size, latent_dim, head_cfg.num_blocks)
+        self.evals_per_sample = self.evals_for(head_cfg)
+
+    @staticmethod
+    def evals_for(head_cfg) -> int:
+        raise NotImplementedError
+
+
+class FlowHead(_AdaLNHead):
     """Flow matching (rectified-flow path): x_t = (1−t)·x0 + t·x1, x0 ~ N(0, I), x1 a posterior
     sample, t ~ U(0, 1); the network regresses the path's velocity x1 − x0 (docs/method.md,
     'Alternative generative heads').
@@ -115,12 +131,6 @@ class FlowHead(nn.Module):
     midpoint solver with 20 evaluations, i.e. the defaults flow_steps = 10, flow_solver = midpoint.
     """
 
-    def __init__(self, hidden_size: int, latent_dim: int, head_cfg):
-        super().__init__()
-        self.cfg = head_cfg
-        self.latent_dim = latent_dim
-        self.net = AdaLNMLP(hidden_size, latent_dim, head_cfg.num_blocks)
-        self.evals_per_sample = self.evals_for(head_cfg)
 
     @staticmethod
     def evals_for(head_cfg) -> int:
@@ -179,7 +189,7 @@ def cosine_alphas_cumprod(num_steps: int, s: float = 0.008, max_beta: float = 0.
     return torch.cumprod(1 - betas, dim=0)
 
 
-class DiffusionHead(nn.Module):
+class DiffusionHead(_AdaLNHead):
     """Gaussian diffusion with ε-prediction (docs/method.md, 'Alternative generative heads'): cosine schedule over T =
     ``diffusion_train_steps`` discrete steps; x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, t uniform in {0..T−1},
     loss ‖ε̂(x_t, t, h) − ε‖² averaged over rows and dimensions.
@@ -193,11 +203,7 @@ class DiffusionHead(nn.Module):
     """
 
     def __init__(self, hidden_size: int, latent_dim: int, head_cfg):
-        super().__init__()
-        self.cfg = head_cfg
-        self.latent_dim = latent_dim
-        self.net = AdaLNMLP(hidden_size, latent_dim, head_cfg.num_blocks)
-        self.evals_per_sample = self.evals_for(head_cfg)
+        super().__init__(hidden_size, latent_dim, head_cfg)
         # a plain attribute, not a buffer: model.to(bf16) would round 1 − ᾱ_t near t = 0 to zero
         self.alphas_cumprod = cosine_alphas_cumprod(head_cfg.diffusion_train_steps)
         self._schedule_cache: dict = {}
