@@ -52,12 +52,6 @@ def architecture_of(cfg) -> str:
     return adapter_of(cfg).published_name(cfg)
 
 
-def known_config_keys(name: str) -> set[str]:
-    """The config.json keys a release of the published architecture `name` may carry; any other key is
-    ignored by every loader of ours, so a setting put there would silently have no effect."""
-    return Published(name, release_adapters()[name]).known_config_keys()
-
-
 def release_config(cfg, dtype: torch.dtype = torch.float32) -> dict:
     """The ``config.json`` dict of a release of a model with config `cfg` and weights of `dtype`."""
     adapter = adapter_of(cfg)

@@ -145,7 +145,7 @@ def _architecture(values: dict, sidecar: dict) -> str:
         return str(archs[0])
     spec = architectures().get(values.get("arch")) if isinstance(values.get("arch"), str) else None
     if spec is not None and spec.encodes_latents and spec.release is not None:  # our AE directory format
-        return spec.release.published_name(None)
+        return spec.release.published_names[0]
     return str(sidecar.get("architecture") or values.get("arch") or "unknown")
 
 
