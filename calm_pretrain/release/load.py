@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from calm_pretrain.config import ConfigError, model_config_from_dict
-from calm_pretrain.release.adapters import adapter_of, detect, model_config_from_release, release_adapters
+from calm_pretrain.release.adapters import detect, model_config_from_release, release_adapters
 from calm_pretrain.release.files import read_config, read_release_tensors, weight_files
 from calm_pretrain.release.layout import CONFIG_NAME, DTYPE_NAMES, SIDECAR_NAME, ReleaseError, dtype_of
 from calm_pretrain.release.fingerprint import describe_mismatch
@@ -41,7 +41,8 @@ def _load_into(cfg, state: dict, where: str, adapter, device, dtype) -> nn.Modul
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # names and shapes were checked; this is e.g. a dtype torch cannot cast
         raise ReleaseError(f"{where}: cannot load weights ({e})") from None
-    adapter_of(cfg).check_loaded(model, where)
+    if _spec(cfg).release is not None:  # (a plug-in architecture's native directory may have no adapter)
+        _spec(cfg).release.check_loaded(model, where)
     return model.to(device).eval()
 
 
