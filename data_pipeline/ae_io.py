@@ -112,7 +112,8 @@ def _is_reference_config(cfg_path: Path) -> bool:
 
 
 def _load_release(d: Path, device):
-    from calm_pretrain.release import ReleaseError, import_release
+    from calm_pretrain.release.layout import ReleaseError
+    from calm_pretrain.release.load import import_release
 
     try:
         ae, cfg = import_release(d)

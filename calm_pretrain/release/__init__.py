@@ -20,21 +20,48 @@ Import reads our own releases, the reference pipeline's output (``pytorch_model.
 with ``pytorch_model.bin.index.json``, loaded with ``torch.load(weights_only=True)``: no untrusted pickle
 is ever executed) and HF Llama checkpoints, and checks names and shapes before anything is loaded.
 
-Name mapping (ours → release): the autoencoder and CALM modules already use the release names, so they
-map to themselves; CALM additionally writes the reference's alias ``generative_head.*`` of the head and,
-optionally, the frozen AE under ``ae_model.*``. The Transformer baseline maps ``transformer.*`` → ``model.*``
-(HF ``LlamaForCausalLM``); ``lm_head.weight`` keeps its name.
+Each architecture's release adapter (``spec_of(cfg).release``, in ``calm_pretrain/models/<arch>/release.py``)
+says how it is published: its architecture name(s), the config.json mapping and its parameter names.
+The autoencoder and CALM modules already use the release names; CALM additionally writes the reference's
+alias ``generative_head.*`` of the head and, optionally, the frozen AE under ``ae_model.*``. The
+Transformer baseline maps ``transformer.*`` → ``model.*`` (HF ``LlamaForCausalLM``); ``lm_head.weight``
+keeps its name. The code here finds the adapter and does the rest, for every architecture alike.
 
-Modules: ``layout`` (file names, config.json mapping), ``names`` (parameter names, tensor checks), ``files``
-(reading), ``directory`` (atomic writes), ``export``, ``load`` (import, release-info).
+Modules: ``layout`` (file names, constants, errors, the adapters' base: a leaf, which the adapters
+import), ``adapters`` (finding an adapter, the generic config.json part), ``names`` (parameter names,
+tensor checks), ``files`` (reading), ``directory`` (atomic writes), ``export``, ``load`` (import,
+release-info). The package imports its modules when a name is first asked for, so that importing
+``layout`` (as the model packages do) loads nothing else.
 """
-from calm_pretrain.release.layout import (  # noqa: F401
-    AE_PREFIX, AE_TIED, ARCH_AE, ARCH_CALM, ARCH_CALM_OTHER_HEAD, ARCH_LLAMA, BIN_INDEX, BIN_WEIGHTS, CONFIG_NAME,
-    GENERATION_CONFIG, HEAD_ALIAS_PREFIX, HEAD_PREFIX, KNOWN_ARCHITECTURES, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
-    SIDECAR_VERSION, TRANSFORMERS_VERSION, ReleaseError, ReleaseWarning, architecture_of,
-    model_config_from_release, release_config)
-from calm_pretrain.release.names import (check_tensors, expected_shapes, from_release_name, release_state,  # noqa: F401
-                                         split_release_state, to_release_name)
-from calm_pretrain.release.files import read_release_tensors, weight_files  # noqa: F401
-from calm_pretrain.release.export import export_release, export_state_dict, save_tokenizer_files  # noqa: F401
-from calm_pretrain.release.load import import_release, import_release_ae, release_info  # noqa: F401
+import importlib
+
+_EXPORTS = {
+    "layout": ("BIN_INDEX", "BIN_WEIGHTS", "CONFIG_NAME", "GENERATION_CONFIG", "SAFE_INDEX", "SAFE_WEIGHTS",
+               "SIDECAR_NAME", "SIDECAR_VERSION", "TRANSFORMERS_VERSION", "ReleaseAdapter", "ReleaseError",
+               "ReleaseWarning"),
+    "adapters": ("architecture_of", "model_config_from_release", "release_adapters", "release_config"),
+    "names": ("check_tensors", "expected_shapes", "release_state", "split_release_state"),
+    "files": ("read_release_tensors", "weight_files"),
+    "export": ("export_release", "export_state_dict", "save_tokenizer_files"),
+    "load": ("import_release", "import_release_ae", "release_info"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    else:
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")  # a submodule: calm_pretrain.release.files
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -69,7 +69,7 @@ def clean_stale_temporaries(out_dir: Path) -> None:
 
 
 @contextmanager
-def _atomic_directory(out_dir: Path) -> Iterator[Path]:
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yields a fresh temporary directory beside `out_dir`; on success it replaces `out_dir`, on any
     error (or interrupt) it is removed and `out_dir` is left as it was."""
     from data_pipeline.files import fsync_dir, fsync_file
@@ -138,11 +138,15 @@ def _existing(out_dir: Path) -> Optional[tuple[dict, dict]]:
 
 
 def _architecture(values: dict, sidecar: dict) -> str:
+    from calm_pretrain.models import architectures
+
     archs = values.get("architectures")
     if isinstance(archs, list) and archs:
         return str(archs[0])
-    return "Autoencoder" if values.get("arch") == "autoencoder" else str(sidecar.get("architecture") or
-                                                                         values.get("arch") or "unknown")
+    spec = architectures().get(values.get("arch")) if isinstance(values.get("arch"), str) else None
+    if spec is not None and spec.encodes_latents and spec.release is not None:  # our AE directory format
+        return spec.release.published_names[0]
+    return str(sidecar.get("architecture") or values.get("arch") or "unknown")
 
 
 def _describe(sidecar: dict) -> str:

@@ -10,14 +10,12 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from calm_pretrain.models.autoencoder import AutoencoderConfig
-from calm_pretrain.models.calm import CALMConfig
-from calm_pretrain.release.directory import _atomic_directory, check_replacement, clean_stale_temporaries
+from calm_pretrain.release.adapters import adapter_of, generation_config, release_config
+from calm_pretrain.release.directory import atomic_directory, check_replacement, clean_stale_temporaries
 from calm_pretrain.release.fingerprint import FINGERPRINT_KEY, make_record
-from calm_pretrain.release.layout import (ARCH_AE, CONFIG_NAME, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS,
-                                          SIDECAR_NAME, SIDECAR_VERSION, ReleaseError, _dtype_of, _generation_config,
-                                          architecture_of, release_config)
-from calm_pretrain.release.names import _fill_ae_tie, check_tensors, expected_shapes, release_state
+from calm_pretrain.release.layout import (CONFIG_NAME, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
+                                          SIDECAR_VERSION, ReleaseError, dtype_of)
+from calm_pretrain.release.names import check_tensors, expected_shapes, release_state
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -109,7 +107,7 @@ def save_tokenizer_files(tokenizer, directory: Path) -> None:
 
 def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_config, out_dir: str | os.PathLike,
                       tokenizer=None, *, ae_state_dict: Optional[Mapping[str, torch.Tensor]] = None,
-                      ae_config: Optional[AutoencoderConfig] = None, dtype: Optional[torch.dtype] = None,
+                      ae_config=None, dtype: Optional[torch.dtype] = None,
                       max_shard_bytes: Optional[int] = None, source: Optional[dict] = None,
                       overwrite: bool = False, eval_result: Optional[dict] = None) -> Path:
     """Write a release of a consolidated state dict {our parameter name: tensor} with our model config.
@@ -122,28 +120,30 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_config, out_
     An existing release there is replaced only if it is of the same model, and then only with
     ``overwrite`` unless it came from the very same checkpoint (``directory.check_replacement``).
     """
+    from calm_pretrain.models import spec_of
+
     cfg = model_config
-    arch = architecture_of(cfg)
+    adapter = adapter_of(cfg)
+    arch = adapter.published_name(cfg)
     out_dir = Path(out_dir)
     where = f"export to {out_dir}"
     state = dict(state_dict)
-    if arch == ARCH_AE:
-        _fill_ae_tie(state, where)
-    check_tensors(state, expected_shapes(cfg), f"{where}: state dict vs the {arch} config", ARCH_AE)
+    adapter.complete_state(state, where)
+    check_tensors(state, expected_shapes(cfg), f"{where}: state dict vs the {arch} config")
     ae_state = None
     if ae_state_dict is not None or ae_config is not None:
-        if not isinstance(cfg, CALMConfig):
+        if not spec_of(cfg).uses_autoencoder:
             raise ReleaseError(f"{where}: an embedded autoencoder only belongs in a CALM release, not {arch}")
-        if ae_state_dict is None or not isinstance(ae_config, AutoencoderConfig):
+        if ae_state_dict is None or not _is_autoencoder_config(ae_config):
             raise ReleaseError(f"{where}: embedding the autoencoder needs both its state dict and its config")
         if (ae_config.k, ae_config.latent_dim) != (cfg.k, cfg.latent_dim):
             raise ReleaseError(f"{where}: the autoencoder has K={ae_config.k}, latent {ae_config.latent_dim} but "
                                f"the CALM model K={cfg.k}, latent {cfg.latent_dim}")
         ae_state = dict(ae_state_dict)
-        _fill_ae_tie(ae_state, f"{where} (autoencoder)")
+        adapter_of(ae_config).complete_state(ae_state, f"{where} (autoencoder)")
         check_tensors(ae_state, expected_shapes(ae_config), f"{where}: autoencoder state dict vs its config")
     tensors = _separate_tensors(release_state(cfg, state, ae_state), dtype)
-    config_values = release_config(cfg, _dtype_of(tensors))
+    config_values = release_config(cfg, dtype_of(tensors))
     sidecar: dict[str, Any] = {"calm_pretrain_release": SIDECAR_VERSION, "architecture": arch,
                                "model": dataclasses.asdict(cfg)}
     if ae_state is not None:
@@ -152,10 +152,11 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_config, out_
         sidecar["source"] = source
     clean_stale_temporaries(out_dir)  # first: it may put back a release that a killed export had set aside
     check_replacement(out_dir, arch, config_values, sidecar["model"], source, overwrite)
-    with _atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp:
         _write_json(tmp / CONFIG_NAME, config_values)
-        if arch != ARCH_AE:
-            _write_json(tmp / GENERATION_CONFIG, _generation_config(cfg))
+        generation = generation_config(cfg)
+        if generation is not None:
+            _write_json(tmp / GENERATION_CONFIG, generation)
         if tokenizer is not None:
             save_tokenizer_files(tokenizer, tmp)
         weights = _write_safetensors(tmp, tensors, max_shard_bytes)
@@ -164,6 +165,14 @@ def export_state_dict(state_dict: Mapping[str, torch.Tensor], model_config, out_
         sidecar[FINGERPRINT_KEY] = make_record(tmp, config_values, sidecar, weights)
         _write_json(tmp / SIDECAR_NAME, sidecar)
     return out_dir
+
+
+def _is_autoencoder_config(cfg) -> bool:
+    """A config of a registered architecture that encodes latents (an autoencoder for a CALM to embed)."""
+    from calm_pretrain.models import architectures
+
+    spec = architectures().get(getattr(cfg, "arch", None))
+    return spec is not None and spec.encodes_latents and isinstance(cfg, spec.config)
 
 
 def _card(cfg, source, ae_state, ae_config, eval_result) -> str:

@@ -11,11 +11,10 @@ from typing import Optional
 import torch
 
 from calm_pretrain.release.layout import (BIN_INDEX, BIN_WEIGHTS, CONFIG_NAME, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
-                                          SIDECAR_VERSION, ReleaseError)
-from calm_pretrain.release.names import _few
+                                          SIDECAR_VERSION, ReleaseError, few)
 
 
-def _read_config(d: Path) -> tuple[dict, Optional[dict], Path]:
+def read_config(d: Path) -> tuple[dict, Optional[dict], Path]:
     cfg_path = d / CONFIG_NAME
     if not d.is_dir():
         raise ReleaseError(f"{d}: no such release directory")
@@ -125,6 +124,6 @@ def read_release_tensors(d: str | os.PathLike, header_only: bool = False) -> tup
             tensors[k] = v
     absent = [k for k in weight_map if k not in tensors]
     if absent:
-        raise ReleaseError(f"{index}: lists tensor(s) missing from their shards: {_few(sorted(absent))}")
+        raise ReleaseError(f"{index}: lists tensor(s) missing from their shards: {few(sorted(absent))}")
     return tensors, str(index)
 

@@ -10,19 +10,10 @@ def _rows(pairs) -> list[str]:
 
 
 def _architecture(cfg) -> list[tuple]:
-    fields = [("architecture", cfg.arch), ("vocabulary", cfg.vocab_size)]
-    if cfg.arch == "autoencoder":
-        return fields + [("K (tokens per latent)", cfg.k), ("latent dimension", cfg.latent_dim),
-                         ("hidden / FFN", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
-                         ("encoder / decoder layers", f"{cfg.num_encoder_layers} / {cfg.num_decoder_layers}")]
-    fields += [("layers", cfg.num_layers), ("hidden / FFN", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
-               ("attention heads / KV heads", f"{cfg.num_heads} / {cfg.num_kv_heads}"),
-               ("context (positions)", cfg.max_position_embeddings)]
-    if cfg.arch == "calm":
-        h = cfg.head
-        fields += [("K (tokens per latent)", cfg.k), ("latent dimension", cfg.latent_dim),
-                   ("head", f"{h.type}, {h.num_blocks} blocks, {h.num_samples} samples per position")]
-    return fields
+    """The architecture table: the architecture and vocabulary, then its release adapter's rows."""
+    from calm_pretrain.models import spec_of
+
+    return [("architecture", cfg.arch), ("vocabulary", cfg.vocab_size), *spec_of(cfg).release.card_rows(cfg)]
 
 
 def _scores(eval_result: dict) -> list[str]:
@@ -41,10 +32,13 @@ def _scores(eval_result: dict) -> list[str]:
 def model_card(cfg, parameters: dict, source: Optional[dict], ae_fingerprint: Optional[str],
                eval_result: Optional[dict] = None) -> str:
     """Markdown: architecture and sizes, parameter counts, the AE, training, eval results, how to load."""
+    from calm_pretrain.models import spec_of
+
+    spec = spec_of(cfg)
     lines = [f"# {cfg.arch} release (calm-pretrain)", "", "## Architecture", "", *_rows(_architecture(cfg)), "",
              "## Parameters", "", "| component | parameters |", "|---|---|"]
     lines += [f"| {name} | {n:,} |" for name, n in parameters.items()]
-    if cfg.arch == "calm":
+    if spec.uses_autoencoder:
         lines += ["", "## Autoencoder", "",
                   f"Frozen autoencoder fingerprint: `{ae_fingerprint or 'unknown'}` "
                   f"({'embedded as ae_model.*' if ae_fingerprint and source and source.get('embedded_ae_fingerprint') else 'not embedded: pass --ae DIR to eval and generate'})."]
@@ -56,8 +50,8 @@ def model_card(cfg, parameters: dict, source: Optional[dict], ae_fingerprint: Op
     lines += _scores(eval_result) if eval_result else ["Not evaluated at export (`calm-pretrain export --eval-json "
                                                       "FILE` records the output of `calm-pretrain eval --json FILE`)."]
     lines += ["", "## How to load", "", "```bash", "calm-pretrain release-info .",
-              "calm-pretrain eval . --data heldout.jsonl" + (" [--ae AE_DIR]" if cfg.arch == "calm" else ""),
-              *(['calm-pretrain generate . --prompt "Once upon a time"'] if cfg.arch != "autoencoder" else []),
+              "calm-pretrain eval . --data heldout.jsonl" + (" [--ae AE_DIR]" if spec.uses_autoencoder else ""),
+              *(['calm-pretrain generate . --prompt "Once upon a time"'] if spec.generate is not None else []),
               "```", "", "```python", "from calm_pretrain.release import import_release",
               "model, config = import_release(\".\")", "```",
               "", f"Config: {len(dataclasses.asdict(cfg))} fields in `calm_pretrain.json` (ours) and `config.json` "

@@ -8,16 +8,16 @@ from typing import Callable, Optional, TypeVar
 
 from calm_pretrain.release.files import weight_files
 from calm_pretrain.release.fingerprint import UNVERIFIED, describe_mismatch, mismatches
-from calm_pretrain.release.layout import CONFIG_NAME, ReleaseError, ReleaseWarning, known_config_keys
+from calm_pretrain.release.layout import CONFIG_NAME, ReleaseError, ReleaseWarning
 
 T = TypeVar("T")
 
 
-def unknown_config_keys(values: dict, arch: str) -> list[str]:
-    """config.json keys no loader of ours reads (our native AE directories are checked field by field)."""
-    if arch == "native":
-        return []
-    return sorted(k for k in values if k not in known_config_keys(arch))
+def unknown_config_keys(values: dict, kind) -> list[str]:
+    """config.json keys no loader of ours reads for the published architecture `kind` (an
+    adapters.Published; our native AE directories are checked field by field)."""
+    known = kind.known_config_keys()
+    return [] if known is None else sorted(k for k in values if k not in known)
 
 
 _WARNED: set[str] = set()
@@ -31,13 +31,13 @@ def _warn_once(message: str) -> None:
         warnings.warn(ReleaseWarning(message), stacklevel=4)
 
 
-def verify_release(d: Path, values: dict, sidecar: Optional[dict], arch: str, *, warn: bool = True) -> dict:
+def verify_release(d: Path, values: dict, sidecar: Optional[dict], kind, *, warn: bool = True) -> dict:
     """{"status": "verified" | "unverified" | "mismatch", "problems": [...], "unknown_fields": [...]}.
     With `warn`, an unverified release and unknown config.json fields are reported as ReleaseWarnings."""
     _, files = weight_files(d)
     problems = mismatches(d, values, sidecar, [f.name for f in files])
     status = "unverified" if problems is None else ("mismatch" if problems else "verified")
-    unknown = unknown_config_keys(values, arch)
+    unknown = unknown_config_keys(values, kind)
     if warn and status == "unverified":
         _warn_once(f"{d}: {UNVERIFIED}")
     if warn and unknown:
@@ -46,10 +46,10 @@ def verify_release(d: Path, values: dict, sidecar: Optional[dict], arch: str, *,
     return {"status": status, "problems": problems or [], "unknown_fields": unknown}
 
 
-def verified_load(d: Path, values: dict, sidecar: Optional[dict], arch: str, load: Callable[[], T]) -> T:
+def verified_load(d: Path, values: dict, sidecar: Optional[dict], kind, load: Callable[[], T]) -> T:
     """`load()`, refused when the release differs from its fingerprint. The name and shape checks inside
     `load` run first, as they say most about a broken file; an edit that broke them is named with them."""
-    report = verify_release(d, values, sidecar, arch)
+    report = verify_release(d, values, sidecar, kind)
     try:
         result = load()
     except ReleaseError as e:

@@ -11,6 +11,7 @@ from calm_pretrain.eval.scores import autoencoder_scores
 from calm_pretrain.models.autoencoder.config import AutoencoderConfig
 from calm_pretrain.models.autoencoder.flops import training_flops
 from calm_pretrain.models.autoencoder.model import AELayer, Autoencoder
+from calm_pretrain.models.autoencoder.release import RELEASE
 from calm_pretrain.models.spec import ModelSpec
 
 
@@ -35,7 +36,7 @@ SPEC = ModelSpec(
     components=(("encoder.embed_tokens.", "token embedding (tied)"), ("encoder.", "encoder"),
                 ("decoder.", "decoder")),
     loss=loss, data=data, example_batch=example_batch, evaluate=autoencoder_scores, training_flops=training_flops,
-    encodes_latents=True, checkpoint_blocks=(AELayer,),
+    encodes_latents=True, checkpoint_blocks=(AELayer,), release=RELEASE,
 )
 
 __all__ = ["AutoencoderConfig", "Autoencoder", "SPEC"]

@@ -15,6 +15,7 @@ from calm_pretrain.models.calm.flops import inference_flops, training_flops
 from calm_pretrain.models.calm.heads import ResidualMLPBlock
 from calm_pretrain.models.calm.model import CALM
 from calm_pretrain.models.calm.pipeline_stages import pipeline_batch, pipeline_layers
+from calm_pretrain.models.calm.release import RELEASE
 from calm_pretrain.models.spec import ModelSpec
 from calm_pretrain.sampling import generate_calm
 
@@ -53,7 +54,7 @@ SPEC = ModelSpec(
     loss=loss, data=data, example_batch=example_batch, evaluate=calm_scores, training_flops=training_flops, inference_flops=inference_flops,
     generate=generate, published_block_tokens=8192, max_temperature=1.0,
     uses_autoencoder=True, pipeline_layers=pipeline_layers, pipeline_batch=pipeline_batch,
-    checkpoint_blocks=(DecoderLayer,), zero3_leaves=(ResidualMLPBlock,),
+    checkpoint_blocks=(DecoderLayer,), zero3_leaves=(ResidualMLPBlock,), release=RELEASE,
 )
 
 __all__ = ["CALMConfig", "HeadConfig", "CALM", "SPEC"]

@@ -13,6 +13,7 @@ from calm_pretrain.models.pipeline_stages import LMOutputStage, TokenInputStage,
 from calm_pretrain.models.spec import ModelSpec
 from calm_pretrain.models.transformer.config import TransformerConfig
 from calm_pretrain.models.transformer.model import TransformerLM
+from calm_pretrain.models.transformer.release import RELEASE
 from calm_pretrain.sampling import generate_transformer
 
 
@@ -64,6 +65,7 @@ SPEC = ModelSpec(
                 ("lm_head.", "output embedding")),
     loss=loss, data=data, example_batch=example_batch, evaluate=lm_scores, training_flops=training_flops, inference_flops=inference_flops,
     generate=generate, pipeline_layers=pipeline_layers, pipeline_batch=pipeline_batch, checkpoint_blocks=(DecoderLayer,),
+    release=RELEASE,
 )
 
 __all__ = ["TransformerConfig", "TransformerLM", "SPEC"]
