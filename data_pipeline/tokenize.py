@@ -162,7 +162,7 @@ def pack_ae(docs: Sequence[Sequence[int]], sample_tokens: int, k: int, eos_id: i
 _worker: dict = {}
 
 
-def _init_worker(tokenizer: Tokenizer, progress_queue, parent_pid: Optional[int] = None) -> None:
+def init_worker(tokenizer: Tokenizer, progress_queue, parent_pid: Optional[int] = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from the processes
     _worker["tokenizer"] = tokenizer
     _worker["queue"] = progress_queue
@@ -275,7 +275,7 @@ def _units(texts: Iterator[str], unit_bytes: int, max_documents: Optional[int]) 
         yield unit
 
 
-def _layout_params(cfg: TokenizeConfig, tok: Tokenizer) -> dict:
+def layout_params(cfg: TokenizeConfig, tok: Tokenizer) -> dict:
     if cfg.layout == "ae":
         missing = [n for n, v in (("EOS", tok.eos_id), ("PAD", tok.pad_id)) if v is None]
         if missing:
@@ -294,7 +294,7 @@ def run_tokenize(cfg: TokenizeConfig, tokenizer: Optional[Tokenizer] = None) -> 
     """Run (or finish) a tokenize job; returns the complete manifest."""
     cfg.validate()
     tok = tokenizer or load_tokenizer(cfg.tokenizer)
-    layout = _layout_params(cfg, tok)
+    layout = layout_params(cfg, tok)
     sources = resolve_inputs(list(cfg.inputs))
     out = Path(cfg.output)
     job = {"stage": "tokenize", "sources": [s.describe() for s in sources], "tokenizer": tok.describe(),
@@ -348,7 +348,7 @@ def _drive(units: Iterator[list[str]], finished: dict, tok: Tokenizer, layout: d
     """Feed unfinished units to the workers (at most workers+1 in flight); returns the number of units."""
     skipped = 0
     if workers == 0:  # in this process: simplest to debug
-        _init_worker(tok, None)
+        init_worker(tok, None)
         n = 0
         for n, texts in enumerate(units, start=1):
             if n - 1 in finished:
@@ -381,7 +381,7 @@ def _drive(units: Iterator[list[str]], finished: dict, tok: Tokenizer, layout: d
                 bar.update(got)
                 bar.set_postfix(shards_done=n - len(pending) - skipped, skipped=skipped, refresh=False)
 
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
                                 initargs=(tok, progress_q, os.getpid())) as pool:
         try:
             for unit, texts in enumerate(units):

@@ -385,7 +385,7 @@ def test_universal_merge_rules_classify_every_parameter_as_the_plan_splits_it(ar
 
     from calm_pretrain.config import load_config
     from calm_pretrain.models import build_model
-    from calm_pretrain.parallel.pipeline import pipeline_parameter_names
+    from calm_pretrain.parallel.pipeline_layout import pipeline_parameter_names
     from calm_pretrain.parallel.tensor import split_dim_of, universal_checkpoint_info
 
     cfg = load_config("configs/tiny/calm.yaml", []) if arch == "calm" else load_config(None, ["model.arch=transformer"])

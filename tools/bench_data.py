@@ -54,7 +54,7 @@ from data_pipeline.inspection import summary  # noqa: E402
 from data_pipeline.loader import ShardLoader  # noqa: E402
 from data_pipeline.manifest import load_manifest  # noqa: E402
 from data_pipeline.shards import ShardReader, ShardSpec, ShardWriter  # noqa: E402
-from data_pipeline.tokenize import TokenizeConfig, _init_worker, _layout_params, pack_ae, run_tokenize, tokenize_unit  # noqa: E402,E501
+from data_pipeline.tokenize import TokenizeConfig, init_worker, layout_params, pack_ae, run_tokenize, tokenize_unit  # noqa: E402,E501
 from data_pipeline.tokenizers import load_tokenizer  # noqa: E402
 from tests.helpers.data import corpus_documents, write_jsonl  # noqa: E402
 from tests.helpers.models import tiny_ae_config, train_autoencoder  # noqa: E402
@@ -96,8 +96,8 @@ def bench_tokenize(work: Path, corpus: Path, n_docs: int, llama_spec: str) -> di
         r = {"tokenizer_only_tokens_per_s": round(sum(map(len, ids)) / dt),
              "tokenizer_only_text_mb_per_s": round(sum(len(d.encode()) for d in sample) / dt / 1e6, 2)}
         # one worker's steady state: tokenize + pack + write + verify one unit, in this process
-        _init_worker(tok, None)
-        layout = _layout_params(TokenizeConfig(inputs=[], output="", seq_chunks=512), tok)
+        init_worker(tok, None)
+        layout = layout_params(TokenizeConfig(inputs=[], output="", seq_chunks=512), tok)
         t0 = time.perf_counter()
         entry = tokenize_unit(0, sample, str(work / f"unit-{name}"), layout)
         dt = time.perf_counter() - t0

@@ -310,7 +310,7 @@ def _universal_copy(path: Path, model_config, from_pipeline: bool, to_pipeline: 
     from deepspeed.checkpoint import ds_to_universal
 
     from calm_pretrain.parallel.distributed import barrier, rank
-    from calm_pretrain.parallel.pipeline import pipeline_parameter_names
+    from calm_pretrain.parallel.pipeline_layout import pipeline_parameter_names
 
     out = path.with_name(path.name + ("_universal_pipeline" if to_pipeline else "_universal"))
     if rank() == 0 and not (out / "zero").is_dir():

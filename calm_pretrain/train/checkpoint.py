@@ -288,7 +288,7 @@ def _engine_state_dict(path: Path, config) -> dict:
     if (engine / "engine.pt").is_file():  # TorchEngine
         return safe_load(engine / "engine.pt")["model"]
     if any(engine.glob("layer_00-*model_states.pt")):  # pipeline: one file per layer (and TP rank)
-        from calm_pretrain.parallel.pipeline import pipeline_state_dict
+        from calm_pretrain.parallel.pipeline_layout import pipeline_state_dict
 
         return pipeline_state_dict(engine, config)
     if (engine / "mp_rank_01_model_states.pt").is_file():  # tensor parallel: merge the ranks' shards

@@ -4,6 +4,7 @@ module in CALM_PRETRAIN_ARCHITECTURES (calm_pretrain/models/registry.py). tests/
 drives it through the project's commands; nothing in calm_pretrain knows it exists."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from calm_pretrain.brier import brier_lm, merge_scores, two_sample_brier
 from calm_pretrain.models.spec import ModelSpec
+from calm_pretrain.release.layout import ReleaseAdapter
 from calm_pretrain.schema import check
 
 MAX_N = 4  # Brier-1..4
@@ -111,7 +113,23 @@ def evaluate(model: BigramLM, blocks, ae=None, seed: int = 0, draws: int = 1) ->
     return brier_lm(total)
 
 
+class ToyRelease(ReleaseAdapter):
+    """Published as `ToyBigramLM`: config.json holds the config's own fields, the weights our names."""
+
+    published_names = ("ToyBigramLM",)
+
+    def known_config_keys(self, name: str) -> set[str]:
+        return {f.name for f in dataclasses.fields(ToyConfig)}
+
+    def release_config(self, cfg: ToyConfig) -> dict:
+        return dataclasses.asdict(cfg)
+
+    def config_dict(self, values: dict, name: str, base: dict, cfg_path) -> dict:
+        return {k: values[k] for k in self.known_config_keys(name) if k in values}
+
+
 SPEC = ModelSpec(
     arch="toy", label="Toy bigram", config=ToyConfig, model=BigramLM, components=(("table.", "bigram table"),),
     loss=loss, data=data, example_batch=example_batch, evaluate=evaluate, training_flops=training_flops,
+    release=ToyRelease(),
 )
