@@ -10,6 +10,7 @@ from calm_pretrain.models.calm import CALMConfig, HeadConfig
 from calm_pretrain.losses import energy_loss
 from calm_pretrain.models import build_model
 from calm_pretrain.models.calm.heads import EnergyHead
+from tests.helpers.mixtures import energy_distance, sample_mixture
 
 
 def _head(hidden=32, latent=6, noise=8, blocks=2, dtype=torch.float64, seed=0, zero_output=False):
@@ -117,22 +118,6 @@ def test_parameter_count_per_block_is_about_6h2():
 # --------------------------------------------------------------------------------------------
 # Learning: the head alone, trained with the energy loss, fits a fixed 2-D Gaussian mixture
 # --------------------------------------------------------------------------------------------
-MIX_MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]])
-MIX_STD = 0.35
-
-
-def sample_mixture(n: int, gen: torch.Generator) -> torch.Tensor:
-    comp = torch.randint(0, 3, (n,), generator=gen)
-    return MIX_MEANS[comp] + MIX_STD * torch.randn(n, 2, generator=gen)
-
-
-def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Unbiased squared energy distance 2E‖A−B‖ − E‖A−A'‖ − E‖B−B'‖ between two sample sets."""
-    def within(z):
-        return torch.cdist(z, z).sum() / (z.shape[0] * (z.shape[0] - 1))
-    return (2 * torch.cdist(a, b).mean() - within(a) - within(b)).item()
-
-
 @pytest.fixture
 def one_thread():
     """Matrices here are tiny: a second intra-op thread buys nothing, and when the CPU is shared the

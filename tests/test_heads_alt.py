@@ -21,7 +21,7 @@ from calm_pretrain.models.calm.iterative_heads import cosine_alphas_cumprod
 from calm_pretrain.sampling import generate_calm
 from tests.helpers import REPO
 from tests.helpers.brier import brier_by_hand
-from tests.test_heads import MIX_MEANS, MIX_STD, energy_distance, sample_mixture
+from tests.helpers.mixtures import MIX_MEANS, MIX_STD, energy_distance, sample_mixture
 
 ALL_HEADS = ["energy", "flow", "diffusion", "gmm", "mse"]
 
