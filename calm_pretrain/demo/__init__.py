@@ -16,6 +16,9 @@ settings. The run directory ends up holding ``summary.json`` (the table printed 
 One module per concern: pipeline.py (the pipeline config), runner.py (stages run once, commands run as
 subprocesses), stages.py (the stages, each a function of a DemoContext), report.py (metrics read back,
 the plot, the results table and summary), run.py (run_demo: the stages in order).
+
+A workflow: it imports the config and the evaluation and runs everything else as subprocess commands;
+no library package imports it.
 """
 from calm_pretrain.demo.pipeline import (DEFAULT_PIPELINE, MODELS, REPO, CorpusSection, EncodeSection, EvalSection,
                                          GenerateSection, PipelineConfig, StageSection, StagesSection, TokenizeSection,

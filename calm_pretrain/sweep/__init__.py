@@ -9,6 +9,10 @@ One module per step, the command line apart (its --help, in cli.py, documents th
   fit.py       a score against training FLOPs per group
   plot.py      the figures
   cli.py       `calm-sweep` (also `python -m calm_pretrain.sweep` and tools/sweep.py)
+
+A workflow: it imports the config, the registry (what each architecture needs: an autoencoder, its
+sample length, its label) and the evaluation, and runs training as the same commands a user runs.
+No library package imports it.
 """
 from calm_pretrain.sweep.cli import main
 from calm_pretrain.sweep.collect import EVAL_FILE, FINAL_SCORES, collect, read_records, read_tables, write_tables
