@@ -33,7 +33,3 @@ class ModelSpec:
     @property
     def display_name(self) -> str:
         return self.label or self.arch
-
-    @property
-    def pipeline(self) -> bool:
-        return self.pipeline_layers is not None
