@@ -12,7 +12,8 @@ from calm_pretrain.models import build_model
 from calm_pretrain.parallel.engine import DeepSpeedEngine, TorchEngine
 from calm_pretrain.parallel.engine_api import Engine, StepResult
 from calm_pretrain.parallel.pipeline import PipelineEngine
-from calm_pretrain.train.trainer import Trainer, model_loss
+from calm_pretrain.parallel import distributed
+from calm_pretrain.train.trainer import Callback, Trainer, model_loss
 
 MEMBERS = ("module", "device", "step", "save", "load")
 
@@ -64,30 +65,98 @@ def test_a_torch_engine_is_an_engine_and_runs_one_window():
     assert result.tokens == 3 * 2 * 16 and result.loss.shape == () and result.grad_norm > 0
 
 
-def _syncs_of_one_step(monkeypatch, accum: int) -> tuple[int, int]:
-    """Host syncs (.item(), float(), int(), bool(), .tolist() of a tensor) in one Trainer step: (all, those
-    outside torch: torch's CPU AdamW reads each parameter's step count, a fused GPU optimizer does not)."""
-    cfg = _cfg(f"train.grad_accum_steps={accum}")
+def _count_syncs_and_collectives(monkeypatch, accum: int, steps: int, log_every: int) -> dict:
+    """Over `fit(steps)`: host syncs (.item(), float(), int(), bool(), .tolist() of a tensor) outside torch
+    (torch's CPU AdamW reads each parameter's step count, a fused GPU optimizer does not), and the
+    trainer's blocking collectives (in one process they return their input, but are still called)."""
+    cfg = _cfg(f"train.grad_accum_steps={accum}", f"train.log_every={log_every}", f"train.max_steps={steps}")
     torch.manual_seed(0)
     trainer = Trainer(cfg, build_model(cfg.model), _batches(), "/nonexistent", log=lambda s: None)
-    count = [0, 0]
+    trainer.metrics.rank = 1  # write no metrics file
+    count = {"syncs": 0, "collectives": 0}
     torch_dir = str(Path(torch.__file__).parent)
     for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, **kwargs):
-            count[0] += 1
-            count[1] += not sys._getframe(1).f_code.co_filename.startswith(torch_dir)
+            count["syncs"] += not sys._getframe(1).f_code.co_filename.startswith(torch_dir)
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    record = trainer.train_step()
+    for name in ("all_reduce_sum_tensor", "all_gather_object", "broadcast_object", "barrier"):
+        original = getattr(distributed, name)
+
+        def called(*args, _original=original, **kwargs):
+            count["collectives"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(distributed, name, called)
+    history = trainer.fit()
     monkeypatch.undo()
-    assert not record["skipped"] and record["tokens"] == accum * 2 * 16
-    return tuple(count)
+    assert len(history) == steps and not any(r["skipped"] for r in history)
+    assert all(r["tokens"] == accum * 2 * 16 and isinstance(r["loss"], float) for r in history)
+    return count
 
 
-def test_host_syncs_per_step_do_not_grow_with_the_micro_batches(monkeypatch):
-    one, four = _syncs_of_one_step(monkeypatch, 1), _syncs_of_one_step(monkeypatch, 4)
-    assert one == four, (one, four)
-    assert four[1] == 2, four  # ours: the gradient norm (to decide the update) and the step's loss
+def test_host_syncs_and_collectives_come_on_log_steps_only(monkeypatch):
+    """10 steps logged every 5: one sync per step (the gradient norm, which decides the update) and one
+    per window of 5 (its numbers, agreed in one all-reduce), however many micro-batches a step has."""
+    for accum in (1, 4):
+        count = _count_syncs_and_collectives(monkeypatch, accum, steps=10, log_every=5)
+        assert count == {"syncs": 10 + 2, "collectives": 2}, (accum, count)
+    count = _count_syncs_and_collectives(monkeypatch, 1, steps=10, log_every=1)
+    assert count == {"syncs": 10 + 10, "collectives": 10}, count
+
+
+class _StopOnRank1:
+    """Rank 1 sees a stop request from its third step on; rank 0 never does."""
+
+    def __init__(self, trainer_of):
+        self.trainer_of = trainer_of
+
+    def requested(self) -> bool:
+        trainer = self.trainer_of()
+        return trainer.rank == 1 and trainer.step >= 3
+
+
+def _vote_and_agree(rank, world_size, out):
+    import json
+
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo")
+    cfg = _cfg("train.log_every=4", "train.max_steps=12")
+    torch.manual_seed(0)
+    local = []
+
+    class Local(Callback):
+        def on_step_end(self, trainer, record):
+            local.append(float(record["loss"]))
+
+    holder = {}
+    trainer = Trainer(cfg, build_model(cfg.model), _batches(seed=rank), out, log=lambda s: None,
+                      callbacks=[Local()], stop=_StopOnRank1(lambda: holder["t"]))
+    holder["t"] = trainer
+    history = trainer.fit()
+    losses = [None] * world_size
+    tdist.all_gather_object(losses, local)
+    if rank == 0:
+        Path(out, "result.json").write_text(json.dumps({
+            "steps": len(history), "exit": trainer.exit_reason, "agreed": [r["loss"] for r in history],
+            "local": losses, "tokens": [r["tokens"] for r in history]}))
+
+
+def test_ranks_stop_at_the_same_step_and_agree_on_the_numbers(tmp_path):
+    """The stop vote is asynchronous: rank 1's request at its 3rd step is read by both ranks at the
+    4th, and both stop there. The logged loss of every step is the mean of the ranks' own."""
+    import json
+
+    from tests.helpers.ranks import run_distributed_test
+
+    run_distributed_test(_vote_and_agree, 2, str(tmp_path), timeout=120)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["exit"] == "preempted" and result["steps"] == 4, result
+    for step, agreed in enumerate(result["agreed"]):
+        assert agreed == pytest.approx((result["local"][0][step] + result["local"][1][step]) / 2, rel=1e-12)
+    assert result["local"][0] != result["local"][1]  # the ranks saw different batches
+    assert result["tokens"] == [2 * 2 * 16] * 4

@@ -84,17 +84,19 @@ def test_pruning_after_a_fallback_keeps_the_good_checkpoints(tmp_path, tokens):
 
 
 # ---- 2. divergence -----------------------------------------------------------------------------
-@pytest.mark.parametrize("lr, stop", [
-    (30, "training diverged: 10 suspect steps in a row at step 15"),  # finite: loss 4 -> 2000 -> 4e6
-    (1e9, "20 non-finite steps in a row at step 25"),  # non-finite gradients from step 6 on
+@pytest.mark.parametrize("lr, stop, windows, kept", [
+    (30, "training diverged: 10 suspect steps in a row at step 15", [], 3),  # finite: loss 4 -> 2000 -> 4e6
+    (1e9, "20 non-finite steps in a row at step 25", [], 3),  # non-finite gradients from step 6 on
+    # Judged when a window of 7 steps closes (and before the save at 10): the same steps, the same pin.
+    (30, "training diverged: 10 suspect steps in a row at step 15", ["train.log_every=7", "train.save_every=10"], 2),
 ])
-def test_a_divergence_keeps_the_last_checkpoint_before_it_and_says_so(tmp_path, tokens, lr, stop):
+def test_a_divergence_keeps_the_last_checkpoint_before_it_and_says_so(tmp_path, tokens, lr, stop, windows, kept):
     import torch
 
     run = tmp_path / "run"
     cfg = _config(tmp_path / "run.yaml", tokens, run, max_steps=4, save_every=2, keep_last=2, divergence_warmup=2)
     assert _train(cfg).returncode == 0
-    diverging = _train(cfg, f"train.lr={lr}", "train.max_steps=40")
+    diverging = _train(cfg, f"train.lr={lr}", "train.max_steps=40", *windows)
     assert diverging.returncode == 1
     root = run / "checkpoints"
     first_suspect = next(r["step"] for r in _metrics(run) if r["suspect"])
@@ -105,7 +107,7 @@ def test_a_divergence_keeps_the_last_checkpoint_before_it_and_says_so(tmp_path, 
     assert message.endswith(f"the newest checkpoint before the first suspect step 6 is {good}, kept (pinned in "
                             f"{root / 'pinned.json'}: never pruned); later checkpoints may hold diverged weights")
     # Saves went on (keep_last=2) and pruned everything else, but not the pinned pre-divergence checkpoint.
-    assert "step_00000004" in _steps(root) and len(_steps(root)) == 3 and verify_checkpoint(good) is None
+    assert "step_00000004" in _steps(root) and len(_steps(root)) == kept and verify_checkpoint(good) is None
     weights = torch.load(good / "engine" / "engine.pt", weights_only=True)["model"]
     assert max(v.abs().max().item() for v in weights.values()) < 10  # the weights from before the divergence
 

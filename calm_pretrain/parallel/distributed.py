@@ -58,12 +58,40 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum of each value over all ranks (one collective for the whole list)."""
-    if not is_distributed():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.cpu().tolist()
+class StopVote:
+    """Ranks agree on stopping without waiting for each other at every step.
+
+    Each call starts an all-reduce of this rank's flag on a CPU (gloo) group and returns the result of
+    the previous call's, which finished long ago: no device sync and no wait on the critical path. Every
+    rank calls once per step, so every rank reads the same vote at the same step, one step after the
+    first rank saw its signal. With one rank the flag is the vote."""
+
+    def __init__(self):
+        self._group = None
+        self._flag: torch.Tensor | None = None
+        self._work = None
+
+    def __call__(self, local: bool) -> bool:
+        if world_size() == 1:
+            return local
+        if self._group is None:  # a group of its own: no ordering against the engine's collectives
+            self._group = dist.new_group(backend="gloo")
+        agreed = self.finish()
+        self._flag = torch.tensor([1.0 if local else 0.0])
+        self._work = dist.all_reduce(self._flag, group=self._group, async_op=True)
+        return agreed
+
+    def finish(self) -> bool:
+        """The pending vote's result (False if none is pending); call once after the last step."""
+        if self._work is None:
+            return False
+        self._work.wait()
+        self._work = None
+        return bool(self._flag[0] > 0)  # a CPU tensor: no device sync
+
+
+def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over all ranks, in place, on its own device (itself in one process)."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t

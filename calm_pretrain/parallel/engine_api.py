@@ -81,8 +81,3 @@ def accumulate_window(forward: Callable, backward: Callable[[torch.Tensor], None
         tokens += int(batch["ids"].numel() * token_share)
         _accumulate(extras, extra, n)
     return loss_sum, extras, tokens
-
-
-def as_number(value) -> float:
-    """A StepResult value as a Python float (the one host sync of a step for a tensor)."""
-    return float(value) if isinstance(value, torch.Tensor) else value

@@ -1,6 +1,6 @@
 """Preemption: SIGTERM / SIGUSR1 (what Slurm sends before it preempts or times out a job) and a
-wall-clock budget become a request to stop; the trainer makes every rank agree on it at the next step
-boundary (one all-reduce it does anyway), saves a checkpoint and exits with REQUEUE_EXIT_CODE.
+wall-clock budget become a request to stop; the trainer makes every rank agree on it one step boundary
+later (an asynchronous vote, calm_pretrain.parallel.distributed.StopVote), saves a checkpoint and exits with REQUEUE_EXIT_CODE.
 
 The sbatch launchers requeue the job when they see that code; the next launch resumes from `latest`.
 """

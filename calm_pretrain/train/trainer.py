@@ -21,7 +21,7 @@ from calm_pretrain.config import RunConfig
 from calm_pretrain.models.registry import spec_of
 from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
-from calm_pretrain.parallel.engine_api import Engine, StepResult, as_number
+from calm_pretrain.parallel.engine_api import Engine, StepResult
 from calm_pretrain.parallel.groups import ParallelLayout
 from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, read_trainer_state
 from calm_pretrain.train.divergence import DivergenceMonitor, TrainingDiverged
@@ -58,7 +58,10 @@ class Callback:
 
     def on_train_start(self, trainer: "Trainer") -> None: ...
 
-    def on_step_end(self, trainer: "Trainer", record: dict) -> None: ...
+    def on_step_end(self, trainer: "Trainer", record: dict) -> None:
+        """After every step; the record's loss and extras may still be device tensors of this rank (they
+        become agreed numbers when the window of steps closes, before on_log)."""
+
 
     def on_log(self, trainer: "Trainer", record: dict) -> None: ...
 
@@ -174,7 +177,8 @@ class Trainer:
         return [describe(ds, i) if describe else f"sample {i} of dataset {ds}" for ds, i in found]
 
     def _count(self, lr: float, result: StepResult) -> dict:
-        """The step's record; the engine's on-device sums become numbers here, once per step."""
+        """The step's record. Loss and extras stay where the engine left them (on the device) until the
+        window of steps closes (_close_window); the gradient norm the engine needed anyway is a number."""
         applied = result.applied
         if applied:
             self.nonfinite_in_a_row = 0
@@ -182,76 +186,97 @@ class Trainer:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
         self.step += 1
-        extras = {k: as_number(v) for k, v in result.extras.items()}
-        record = {"step": self.step, "loss": as_number(result.loss), "grad_norm": result.grad_norm, "lr": lr,
-                  "tokens": result.tokens, "skipped": not applied, **extras}
+        record = {"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr,
+                  "tokens": result.tokens, "skipped": not applied, **result.extras}
+        self._extra_keys = sorted(result.extras)  # the architecture's (e.g. the autoencoder's ce, kl, accuracy)
         if not applied:
             record["nonfinite_inputs"] = self._bad_input_names()
         return record
 
-    def _agree(self, record: dict) -> bool:
-        """One all-reduce per step: mean loss and extras over ranks, global tokens, and the stop vote."""
-        keys = ["loss", *sorted(k for k in ("ce", "kl", "accuracy") if k in record)]
-        stop_vote = float(self.stop.requested()) if self.stop else 0.0
-        sums = dist.all_reduce_sum([record[k] for k in keys] + [record["tokens"], stop_vote])
-        for k, v in zip(keys, sums):
-            record[k] = v / self.world_size
-        record["tokens"] = int(sums[len(keys)])
-        return sums[-1] > 0
+    def _agree(self, window: list[dict]) -> None:
+        """The window's numbers as Python floats, averaged over ranks (tokens summed): one all-reduce and
+        one host sync for all its steps, whatever the window's length."""
+        keys = ["loss", *self._extra_keys]
+        rows = [[torch.as_tensor(r[k], dtype=torch.float64, device=self.device) for k in keys]
+                + [torch.tensor(float(r["tokens"]), dtype=torch.float64, device=self.device)] for r in window]
+        sums = dist.all_reduce_sum_tensor(torch.stack([torch.stack(row) for row in rows])).tolist()
+        for record, row in zip(window, sums):
+            for k, v in zip(keys, row):
+                record[k] = v / self.world_size
+            record["tokens"] = int(row[-1])
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, max_steps: Optional[int] = None) -> list[dict]:
+        """Train to `max_steps`. The host waits for the device only when a window of steps closes: on log
+        steps, before every checkpoint, and on steps that must be seen (skipped, evaluated, the last, a
+        stop). There the window's numbers are agreed over ranks, each of its steps is judged for
+        divergence in order, and the rows are written."""
         cfg = self.cfg.train
         max_steps = max_steps or cfg.max_steps
         history: list[dict] = []
         for cb in self.callbacks:
             cb.on_train_start(self)
-        start, start_tokens = time.perf_counter(), self.tokens_seen
         self.exit_reason = "running"
+        vote = dist.StopVote()
+        window: list[dict] = []
+        window_start = time.perf_counter()
         while self.step < max_steps:
-            t0 = time.perf_counter()
             record = self.train_step()
-            stop = self._agree(record)
-            record["step_time"] = time.perf_counter() - t0
-            self.tokens_seen += record["tokens"]
-            record["tokens_per_s"] = record["tokens"] / max(record["step_time"], 1e-9)
-            if self.flops_per_token and self.peak_flops:
-                record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world_size)
-            record["memory_gb"] = peak_memory_gb(self.device)
-            self._judge(record)
+            stop = vote(self.stop.requested() if self.stop else False)
             record["nonfinite_total"] = self.nonfinite_total
             if hasattr(self.loader, "consumed_samples"):
                 record["consumed_samples"] = self.loader.consumed_samples
             history.append(record)
-            for cb in self.callbacks:
+            window.append(record)
+            for cb in self.callbacks:  # numbers still on the device: see Callback
                 cb.on_step_end(self, record)
-            evaluated = any(k.startswith("eval/") for k in record)
-            if (self.step % cfg.log_every == 0 or self.step == max_steps or stop or record["skipped"] or evaluated
-                    or record["suspect"]):
-                for cb in self.callbacks:
-                    cb.on_log(self, record)
-                self._print(record, max_steps, (self.tokens_seen - start_tokens) / (time.perf_counter() - start))
+            saving = self.checkpointer is not None and (stop or self.step % cfg.save_every == 0
+                                                        or self.step == max_steps)
+            if (saving or stop or self.step % cfg.log_every == 0 or self.step == max_steps or record["skipped"]
+                    or any(k.startswith("eval/") for k in record)):
+                self._close_window(window, time.perf_counter() - window_start, max_steps)
+                window, window_start = [], time.perf_counter()
             if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 self.exit_reason = "nonfinite"
                 raise TrainingDiverged(
                     f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step} (train.max_nonfinite_steps="
                     f"{cfg.max_nonfinite_steps}); {self._last_good_message()}")
-            if self.suspect_in_a_row >= cfg.divergence_patience:
-                self.exit_reason = "diverged"
-                raise TrainingDiverged(
-                    f"training diverged: {self.suspect_in_a_row} suspect steps in a row at step {self.step} "
-                    f"(train.divergence_patience={cfg.divergence_patience}; {record['suspect']}); "
-                    f"{self._last_good_message()}")
-            if self.checkpointer and (stop or self.step % cfg.save_every == 0 or self.step == max_steps):
+            if saving:
                 self.save_checkpoint()
             if stop:
                 self.exit_reason = "preempted"
                 break
         else:
             self.exit_reason = "completed"
+        vote.finish()
         for cb in self.callbacks:
             cb.on_train_end(self)
         return history
+
+    def _close_window(self, window: list[dict], seconds: float, max_steps: int) -> None:
+        """Agree the window's numbers, judge its steps in order and log the rows that must be seen: the
+        window's last step, and any skipped, suspect or evaluated one. Raises at a step that exhausts
+        train.divergence_patience."""
+        self._agree(window)
+        step_time = seconds / len(window)  # the window's mean: what the device took, not the host's queueing
+        for record in window:
+            self.tokens_seen += record["tokens"]
+            record["step_time"] = step_time
+            record["tokens_per_s"] = record["tokens"] / max(step_time, 1e-9)
+            if self.flops_per_token and self.peak_flops:
+                record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.world_size)
+            record["memory_gb"] = peak_memory_gb(self.device)
+            self._judge(record)
+            if record is window[-1] or record["skipped"] or record["suspect"] or any(k.startswith("eval/") for k in record):
+                for cb in self.callbacks:
+                    cb.on_log(self, record)
+                self._print(record, max_steps, record["tokens_per_s"])
+            if self.suspect_in_a_row >= self.cfg.train.divergence_patience:
+                self.exit_reason = "diverged"
+                raise TrainingDiverged(
+                    f"training diverged: {self.suspect_in_a_row} suspect steps in a row at step {record['step']} "
+                    f"(train.divergence_patience={self.cfg.train.divergence_patience}; {record['suspect']}); "
+                    f"{self._last_good_message()}")
 
     def _print(self, r: dict, max_steps: int, tok_per_s: float) -> None:
         self.log(f"[{self.cfg.name}] step {r['step']}/{max_steps} loss {r['loss']:.4f} lr {r['lr']:.2e} "
@@ -278,9 +303,9 @@ class Trainer:
         if not record["skipped"]:  # non-finite steps are counted by nonfinite_in_a_row
             self.suspect_in_a_row += 1
         if self.first_suspect_step is None:
-            self.first_suspect_step = self.step
-            self.last_good_checkpoint = self._pin_last_good(self.step)
-            self.log(f"WARNING: step {self.step} is suspect ({reason}); {self._last_good_message()}")
+            self.first_suspect_step = record["step"]
+            self.last_good_checkpoint = self._pin_last_good(record["step"])
+            self.log(f"WARNING: step {record['step']} is suspect ({reason}); {self._last_good_message()}")
 
     def _pin_last_good(self, step: int) -> Optional[Path]:
         """Pin the newest intact checkpoint from before step - 1: step's loss and gradient were

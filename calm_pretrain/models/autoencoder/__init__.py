@@ -18,7 +18,7 @@ from calm_pretrain.models.spec import ModelSpec
 def loss(forward, batch: dict):
     """CE·K + β·KL of a batch of token chunks; logs the cross-entropy, the KL and the token accuracy."""
     out = forward(batch["ids"])
-    return out.loss, {"ce": out.ce.item(), "kl": out.kl.item(), "accuracy": out.accuracy.item()}
+    return out.loss, {"ce": out.ce.detach(), "kl": out.kl.detach(), "accuracy": out.accuracy.detach()}
 
 
 def data(cfg: AutoencoderConfig, seq_chunks: int) -> dict:
