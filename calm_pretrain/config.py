@@ -225,10 +225,7 @@ def build_model_config(values: Any, key: str = "model") -> Any:
         return values
     if not isinstance(values, dict):
         raise ConfigError(f"{key}: expected a mapping, got {values!r}")
-    arch = values.get("arch", "calm")
-    if arch not in architectures():
-        raise ConfigError(f"{key}.arch: unknown architecture {arch!r}; known: {sorted(architectures())}")
-    return build_dataclass(spec_of(arch).config, values, key)
+    return build_dataclass(spec_of(values.get("arch", "calm"), key).config, values, key)
 
 
 def model_config_from_dict(values: dict) -> Any:

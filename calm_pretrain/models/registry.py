@@ -52,11 +52,11 @@ def architectures() -> dict[str, ModelSpec]:
     return ARCHITECTURES
 
 
-def spec_of(cfg_or_arch) -> ModelSpec:
-    """The spec of a model config (or of an `arch` name)."""
+def spec_of(cfg_or_arch, key: str = "model") -> ModelSpec:
+    """The spec of a model config (or of an `arch` name); `key` names the config section in errors."""
     arch = cfg_or_arch if isinstance(cfg_or_arch, str) else cfg_or_arch.arch
     if arch not in ARCHITECTURES:
-        raise ConfigError(f"model.arch: unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+        raise ConfigError(f"{key}.arch: unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch]
 
 
