@@ -1,5 +1,5 @@
-"""Small file-system helpers: atomic writes (temporary name, fsync, rename), hashing, and telling a local
-path from a hub name."""
+"""The project's one io module (both packages import it): atomic writes (temporary name, fsync, rename),
+JSONL records, hashing, and telling a local path from a hub name."""
 from __future__ import annotations
 
 import hashlib
@@ -55,6 +55,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (none if it is missing); a line cut short by a kill is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One record as one line (strict JSON: a NaN or infinity is refused, not written as bare NaN)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -2,16 +2,19 @@
 summary printed at the end (also summary.txt)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from calm_pretrain.demo.pipeline import MODELS
+from data_pipeline.files import read_jsonl
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a model stage's metrics.jsonl (which its training stage must have written)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (the training stage wrote none)")
+    return read_jsonl(path)
 
 
 def plot_training(run: Path, out: Path) -> Path:

@@ -44,6 +44,7 @@ from calm_pretrain.sweep.evaluate import evaluate_plan, export_autoencoder
 from calm_pretrain.sweep.fit import FIT_FORMS, fit
 from calm_pretrain.sweep.plan import make_plan
 from calm_pretrain.sweep.plot import plot
+from data_pipeline.files import atomic_write_json
 
 
 def _fmt_flops(x: float) -> str:
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             runs, steps = read_tables(args.results)
             result = fit(runs, steps, args.form, args.metric)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            atomic_write_json(Path(args.out), result)
             print(result["formula"])
             for g, e in result["groups"].items():
                 if e["b"] is None:

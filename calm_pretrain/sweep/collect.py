@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from calm_pretrain.sweep.errors import SweepError
+from data_pipeline.files import read_jsonl
 
 EVAL_FILE = "sweep_eval.json"
 # the scores besides BrierLM that collect() reports per run (final_<name>), with their standard errors
@@ -18,15 +19,7 @@ FINAL_SCORES = tuple(f"{name}{se}" for name in ("brier_1", "brier_2", "brier_3",
 
 def read_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl (none if it is missing; a line cut short by a kill is skipped)."""
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return out
+    return read_jsonl(path)
 
 
 def collect(plan_dir: str | os.PathLike):

@@ -11,6 +11,7 @@ from calm_pretrain.config import load_config
 from calm_pretrain.models import spec_of
 from calm_pretrain.sweep.collect import EVAL_FILE, read_records
 from calm_pretrain.sweep.errors import SweepError
+from data_pipeline.files import atomic_write_json
 
 
 def evaluate_point(point: dict, eval_dir: str, log=print, max_blocks: Optional[int] = None) -> dict:
@@ -43,7 +44,7 @@ def evaluate_point(point: dict, eval_dir: str, log=print, max_blocks: Optional[i
     with torch.no_grad():
         scores = evaluate(model)
     result = {"step": step, "checkpoint": str(ckpt), "eval": eval_dir, **scores}
-    (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(run_dir / EVAL_FILE, result)  # its presence means "scored": never half-written
     log(f"{point['name']}: step {step} BrierLM {scores.get('brierlm', float('nan')):.4f}"
         + (f" energy skill {scores['energy_skill']:.4f} ± {scores['energy_skill_se']:.4f}"
            if "energy_skill" in scores else ""))

@@ -17,6 +17,7 @@ from calm_pretrain.models import spec_of
 from calm_pretrain.models.autoencoder import AutoencoderConfig
 from calm_pretrain.sweep.errors import SweepError
 from calm_pretrain.sweep.submit import REPO, write_submit
+from data_pipeline.files import atomic_write_json
 
 SWEEP_KEYS = {"base", "grid", "variants", "sizes", "overrides", "baselines", "autoencoders", "data", "launch", "runs",
               "name"}
@@ -357,7 +358,7 @@ def _write_plan(sw: _Sweep, out: Path, points: list[dict], cfgs: list[RunConfig]
         "missing_inputs": sorted(set(path for _, path in sw.missing_inputs)),
         "eval": sw.eval_dir,
     }
-    (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    atomic_write_json(out / "plan.json", plan)
     write_submit(plan, out)
     return plan
 

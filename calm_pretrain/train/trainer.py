@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from calm_pretrain.config import RunConfig
+from data_pipeline.files import append_jsonl, atomic_write_text, read_jsonl
 from calm_pretrain.models.registry import spec_of
 from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
@@ -83,24 +84,13 @@ class JSONLMetrics(Callback):
     def truncate_after(self, step: int) -> None:
         if self.rank != 0 or not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        tmp.replace(self.path)
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def on_log(self, trainer, record: dict) -> None:
         if self.rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            with self.path.open("a") as f:
-                f.write(json.dumps(clean, allow_nan=False) + "\n")
+            append_jsonl(self.path, {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                     for k, v in record.items()})
 
 
 def peak_memory_gb(device: torch.device) -> float:
