@@ -70,6 +70,7 @@ class LocalRunner:
             result = self._execute(stage)
             result["seconds"] = round(time.perf_counter() - t0, 1)
             result["key"] = self.key
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps(result, indent=1))
             tmp.replace(marker)  # the marker appears whole or not at all: a cut-off stage runs again
