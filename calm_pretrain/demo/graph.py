@@ -61,8 +61,9 @@ def demo_graph(ctx: st.DemoContext) -> Graph:
                         pipe.corpus.text_field), run / "logs" / "tokenizer.log")] if pipe.tokenizer.spec == "train" else []
     jobs = st.tokenize_jobs(ctx)
     return Graph([
+        # No inputs listed: a corpus other than stdlib is what calm-data tokenize reads (files, globs or a hub
+        # dataset name), not paths.
         Stage("corpus", settings=dataclasses.asdict(pipe.corpus), result=lambda: st.corpus(ctx),
-              inputs=[] if ctx.stdlib else [*ctx.train_inputs, *ctx.heldout_inputs],
               outputs=[run / "corpus"] if ctx.stdlib else []),
         Stage("tokenizer", commands=tok_cmd, needs=("corpus",), settings=dataclasses.asdict(pipe.tokenizer),
               result=lambda: st.tokenizer(ctx), outputs=[ctx.tok_spec] if tok_cmd else []),
