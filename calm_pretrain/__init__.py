@@ -10,6 +10,7 @@ Packages, from the bottom of the import order to the top (a package imports only
   parallel                                 engines (plain, ZeRO, pipeline), TP, process groups
   train                                    the trainer, checkpoints, signals, the run entry point
   release, eval (commands, source)         release checkpoints; `calm-pretrain eval / generate`
+  workflow                                 the workflows' stage description; local and Slurm runners
   demo, sweep, cli                         the workflows and the console scripts
 """
 __version__ = "0.1.0"

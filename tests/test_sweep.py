@@ -65,17 +65,17 @@ def test_scaling_plan_covers_k_and_sizes_with_stages_in_order(tmp_path):
     assert [s["k"] for s in plan["stages"]["encode"]] == [1, 2, 4, 8]
     script = (tmp_path / "plan" / "submit.sh").read_text()
     assert subprocess.run(["bash", "-n", str(tmp_path / "plan" / "submit.sh")]).returncode == 0
-    order = [script.index(s) for s in ("submit ae --array=0-3", "submit export-ae --dependency=afterok:\"$AE_JOB\"",
-                                       "submit encode-k1 --dependency=afterok:\"$EXPORT_JOB\"",
-                                       "submit train-0-2 --dependency=afterok:\"$ENCODE_K1\" --array=0-2",
+    order = [script.index(s) for s in ("submit ae --array=0-3", "submit export-ae --dependency=afterok:\"$JOB_AE\"",
+                                       "submit encode-k1 --dependency=afterok:\"$JOB_EXPORT_AE\"",
+                                       "submit train-0-2 --dependency=afterok:\"$JOB_ENCODE_K1\" --array=0-2",
                                        "submit train-12-14 --array=12-14",
-                                       'submit eval --dependency=afterok:"$TRAIN_0":"$TRAIN_1":"$TRAIN_2":"$TRAIN_3":'
-                                       '"$TRAIN_4":"$EXPORT_JOB"')]
+                                       'submit eval --dependency=afterok:"$JOB_TRAIN_0_2":"$JOB_TRAIN_3_5":'
+                                       '"$JOB_TRAIN_6_8":"$JOB_TRAIN_9_11":"$JOB_TRAIN_12_14":"$JOB_EXPORT_AE"')]
     assert order == sorted(order)
     assert "slurm/sweep.sbatch \"$PLAN/stages/ae\"" in script and "slurm/encode.sbatch" in script
     assert sorted(f.name for f in (tmp_path / "plan/stages/ae/configs").iterdir()) == [f"{i:04d}.yaml" for i in range(4)]
-    assert (tmp_path / "plan/stages/export_ae.sbatch").read_text().count("/release") == 4
-    generated = [tmp_path / "plan" / f for f in ("submit.sh", "stages/export_ae.sbatch", "stages/eval.sbatch")]
+    assert (tmp_path / "plan/stages/export-ae.sbatch").read_text().count("/release") == 4
+    generated = [tmp_path / "plan" / f for f in ("submit.sh", "stages/export-ae.sbatch", "stages/eval.sbatch")]
     for script_path in generated:
         assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
     r = subprocess.run([shellcheck(), "--severity=style", *map(str, generated)], capture_output=True, text=True)

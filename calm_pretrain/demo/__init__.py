@@ -13,22 +13,24 @@ settings. The run directory ends up holding ``summary.json`` (the table printed 
 ``metrics.jsonl``, ``plots/training.png``, ``release/{ae,calm,transformer}``, ``samples.json`` and
 ``eval.json``.
 
-One module per concern: pipeline.py (the pipeline config), runner.py (stages run once, commands run as
-subprocesses), stages.py (the stages, each a function of a DemoContext), report.py (metrics read back,
-the plot, the results table and summary), run.py (run_demo: the stages in order).
+One module per concern: pipeline.py (the pipeline config), graph.py (the stages as a workflow graph:
+their commands, needs, outputs and settings), stages.py (their in-process work, each a function of a
+DemoContext), report.py (metrics read back, the plot, the results table and summary), run.py (run_demo:
+the graph through the local runner, which keeps the markers and runs the commands as subprocesses).
 
-A workflow: it imports the config and the evaluation and runs everything else as subprocess commands;
-no library package imports it.
+A workflow: it imports the config, the evaluation and calm_pretrain/workflow (the stage description and
+its local runner), and runs everything else as subprocess commands; no library package imports it.
 """
 from calm_pretrain.demo.pipeline import (DEFAULT_PIPELINE, MODELS, REPO, CorpusSection, EncodeSection, EvalSection,
                                          GenerateSection, PipelineConfig, StageSection, StagesSection, TokenizeSection,
                                          TokenizerSection, load_pipeline)
 from calm_pretrain.demo.report import format_summary, plot_training, read_metrics, results_table
 from calm_pretrain.demo.run import run_demo
-from calm_pretrain.demo.runner import CommandFailed, SettingsChanged, Stages, run_command, run_commands
+from calm_pretrain.demo.graph import demo_graph
 from calm_pretrain.demo.stages import DemoContext, load_trained
+from calm_pretrain.workflow import CommandFailed, SettingsChanged
 
 __all__ = ["DEFAULT_PIPELINE", "MODELS", "REPO", "CommandFailed", "CorpusSection", "DemoContext", "EncodeSection",
-           "EvalSection", "GenerateSection", "PipelineConfig", "SettingsChanged", "StageSection", "Stages",
-           "StagesSection", "TokenizeSection", "TokenizerSection", "format_summary", "load_pipeline", "load_trained",
-           "plot_training", "read_metrics", "results_table", "run_command", "run_commands", "run_demo"]
+           "EvalSection", "GenerateSection", "PipelineConfig", "SettingsChanged", "StageSection",
+           "StagesSection", "TokenizeSection", "TokenizerSection", "demo_graph", "format_summary", "load_pipeline",
+           "load_trained", "plot_training", "read_metrics", "results_table", "run_demo"]

@@ -1,6 +1,6 @@
-"""The main job's stages. Each is a function of one DemoContext (the run directory, the pipeline and run
-configs, the log, and the names derived from them) that does its work through the project's commands and
-returns its result row: its numbers and a one-line `metric` for the summary."""
+"""The main job's in-process work: the context every stage reads (DemoContext), and for each stage what it
+does besides the project's commands (graph.py lists those): a config written before them, and its result
+row after them, read from what they made (its numbers and a one-line `metric` for the summary)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ import yaml
 from calm_pretrain.config import ConfigError, RunConfig, dump_config, load_config
 from calm_pretrain.demo.pipeline import MODELS, GenerateSection, PipelineConfig, StageSection, load_pipeline, repo_path
 from calm_pretrain.demo.report import plot_training, read_metrics, results_table
-from calm_pretrain.demo.runner import Stages, exported, run_command, run_commands, trainer_lines
+from calm_pretrain.workflow import LocalRunner
 
 
 @dataclass
@@ -25,7 +25,7 @@ class DemoContext:
     run: Path  # the run directory
     cfgs: dict[str, RunConfig]  # the run config of each model stage (MODELS), steps scaled
     log: Callable[[str], None]
-    stages: Stages  # the results of the stages run so far
+    runner: LocalRunner  # runs the stages; holds the results of those run so far
     tok_spec: str  # the tokenizer: the one trained into the run directory, or the pipeline's spec
     train_inputs: list[str]  # the corpus: calm-data tokenize inputs
     heldout_inputs: list[str]
@@ -78,7 +78,9 @@ def prepare(run_dir: str | Path, config: Optional[str | Path], overrides, steps_
     c = pipe.corpus
     stdlib = c.inputs == "stdlib"
     return DemoContext(
-        pipe=pipe, run=run, cfgs=cfgs, log=log, stages=Stages(run, log),
+        pipe=pipe, run=run, cfgs=cfgs, log=log,
+        runner=LocalRunner(run, log, cause="a changed pipeline config, override or --steps-scale",
+                           new_dir="a new --run-dir"),
         tok_spec=str(run / "tokenizer") if pipe.tokenizer.spec == "train" else pipe.tokenizer.spec,
         train_inputs=[str(run / "corpus" / "train.jsonl")] if stdlib else list(c.inputs),
         heldout_inputs=[str(run / "corpus" / "heldout.jsonl")] if stdlib else list(c.heldout),
@@ -143,13 +145,10 @@ def corpus(ctx: DemoContext) -> dict:
 
 
 def tokenizer(ctx: DemoContext) -> dict:
-    pipe = ctx.pipe
-    if pipe.tokenizer.spec == "train":
-        run_command(["data_pipeline.cli", "demo-tokenizer", ctx.tok_spec, "--vocab-size", str(pipe.tokenizer.vocab_size),
-                     "--corpus", *ctx.train_inputs, "--text-field", pipe.corpus.text_field],
-                    ctx.run / "logs" / "tokenizer.log", ctx.log)
+    """After `calm-data demo-tokenizer` (spec: train): the tokenizer fits every model's vocabulary."""
     from data_pipeline.tokenizers import load_tokenizer
 
+    pipe = ctx.pipe
     tok = load_tokenizer(ctx.tok_spec)
     for name, cfg in ctx.cfgs.items():
         if cfg.model.vocab_size < tok.vocab_size:
@@ -166,7 +165,8 @@ def tokenize_settings(ctx: DemoContext) -> list:
             ctx.block_tokens, cfgs["transformer"].eval.block_tokens, ctx.k]
 
 
-def tokenize(ctx: DemoContext) -> dict:
+def tokenize_jobs(ctx: DemoContext) -> dict[str, list[str]]:
+    """The `calm-data tokenize` argv of every token shard directory under data/ the models read."""
     c, k, data, cfgs = ctx.pipe.corpus, ctx.k, ctx.data, ctx.cfgs
     train_src, held_src = (ctx.train_inputs, c.split, c.subset), (ctx.heldout_inputs, c.heldout_split, c.heldout_subset)
     jobs = {"ae_tokens": (train_src, "ae", k, cfgs["ae"].data.seq_chunks),
@@ -176,9 +176,7 @@ def tokenize(ctx: DemoContext) -> dict:
         jobs["tr_tokens"] = (train_src, "lm", 1, cfgs["transformer"].data.seq_chunks)
     if ctx.tr_heldout == "heldout_tr":
         jobs["heldout_tr"] = (held_src, "lm", 1, cfgs["transformer"].eval.block_tokens)
-    from data_pipeline.manifest import load_manifest
-
-    commands = []
+    argvs = {}
     for name, ((inputs, split, subset), layout, kk, seq_chunks) in jobs.items():
         argv = ["data_pipeline.cli", "tokenize", *inputs, "-o", str(data / name), "--tokenizer", ctx.tok_spec,
                 "--layout", layout, "--k", str(kk), "--seq-chunks", str(seq_chunks), "-j",
@@ -187,31 +185,39 @@ def tokenize(ctx: DemoContext) -> dict:
             argv += ["--subset", subset]
         if c.max_documents and not ctx.stdlib:
             argv += ["--max-documents", str(c.max_documents)]
-        commands.append((argv, ctx.run / "logs" / f"tokenize_{name}.log"))
-    run_commands(commands, ctx.log)
-    out = {name: load_manifest(data / name).num_tokens for name in jobs}
+        argvs[name] = argv
+    return argvs
+
+
+def tokenize(ctx: DemoContext) -> dict:
+    from data_pipeline.manifest import load_manifest
+
+    out = {name: load_manifest(ctx.data / name).num_tokens for name in tokenize_jobs(ctx)}
     return {**out, "metric": f"{out['lm_tokens']:,} training tokens, {out['heldout']:,} held-out"}
 
 
-def train(ctx: DemoContext, name: str, shards: str, eval_shards: str) -> dict:
-    """One model's `calm-pretrain train` on `shards`, evaluated on `eval_shards` (the result rows of the
-    autoencoder, CALM and Transformer stages start from this one)."""
-    from calm_pretrain.models.registry import training_flops_per_token
-    from calm_pretrain.models import count_config_parameters
-
-    stage, cfg, run = getattr(ctx.pipe.stages, name), ctx.cfgs[name], ctx.run
+def write_train_config(ctx: DemoContext, name: str, shards: str, eval_shards: str) -> None:
+    """Before a model's `calm-pretrain train`: its run config, on `shards`, evaluated on `eval_shards`,
+    written to configs/<name>.yaml (the command's --config)."""
+    cfg, run = ctx.cfgs[name], ctx.run
     cfg.data.train = [str(ctx.data / shards)]
     cfg.data.eval = str(ctx.data / eval_shards)  # held-out: AE accuracy / BrierLM in metrics.jsonl
     cfg.train.output_dir = str(run / name)
     if name == "calm":  # the loader checks the latents came from it; BrierLM decodes with it
         cfg.model.ae_path = str(ctx.release / "ae")
-    path = run / "configs" / f"{name}.yaml"
-    path.write_text(dump_config(cfg.validate()))
+    (run / "configs" / f"{name}.yaml").write_text(dump_config(cfg.validate()))
     if not list((run / name / "checkpoints").glob("step_*")):  # nothing to resume: start clean, so
         (run / name / "metrics.jsonl").unlink(missing_ok=True)  # a cut-off run's lines do not stay
-    run_command(["calm_pretrain.cli", "train", "--config", str(path)], run / "logs" / f"{name}.log", ctx.log,
-                processes=stage.processes, threads=stage.threads, echo=trainer_lines(cfg.name))
-    rows = read_metrics(run / name)
+
+
+def trained(ctx: DemoContext, name: str) -> dict:
+    """After a model's training: the numbers its metrics.jsonl and config give (the result rows of the
+    autoencoder, CALM and Transformer stages start from this one)."""
+    from calm_pretrain.models.registry import training_flops_per_token
+    from calm_pretrain.models import count_config_parameters
+
+    stage, cfg = getattr(ctx.pipe.stages, name), ctx.cfgs[name]
+    rows = read_metrics(ctx.run / name)
     t = cfg.train
     sample_tokens = cfg.data.seq_chunks * getattr(cfg.model, "k", 1)
     tokens = rows[-1]["step"] * t.micro_batch_size * t.grad_accum_steps * stage.processes * sample_tokens
@@ -224,10 +230,7 @@ def train(ctx: DemoContext, name: str, shards: str, eval_shards: str) -> dict:
 
 
 def autoencoder(ctx: DemoContext) -> dict:
-    result = train(ctx, "ae", "ae_tokens", "heldout")
-    # The release is the autoencoder from here on: it encodes the data, CALM's ae_path names it.
-    run_command(["calm_pretrain.cli", "export", "--checkpoint", str(ctx.run / "ae"), "--out", str(ctx.release / "ae"),
-                 "--tokenizer", ctx.tok_spec], ctx.run / "logs" / "export_ae.log", ctx.log, echo=exported)
+    result = trained(ctx, "ae")
     acc, noisy = result["eval"]["eval/accuracy"], result["eval"]["eval/accuracy_noise_0.3"]
     result.update(accuracy=acc, accuracy_noise_0_3=noisy,
                   metric=f"{result['steps']} steps, {result['params'] / 1e6:.2f}M params; held-out reconstruction "
@@ -238,21 +241,17 @@ def autoencoder(ctx: DemoContext) -> dict:
 def encode(ctx: DemoContext) -> dict:
     from data_pipeline.manifest import load_manifest
 
-    e, data = ctx.pipe.encode, ctx.data
-    run_command(["data_pipeline.cli", "encode", str(data / "lm_tokens"), "--ae", str(ctx.release / "ae"), "-o",
-                 str(data / "latents"), "--dtype", e.dtype, "--no-progress"], ctx.run / "logs" / "encode.log", ctx.log,
-                processes=e.processes, threads=e.threads)
-    m = load_manifest(data / "latents")
+    m = load_manifest(ctx.data / "latents")
     bpt = m.num_bytes / m.num_tokens
     lm_sample = ctx.cfgs["calm"].data.seq_chunks * ctx.k
     return {"samples": m.num_samples, "tokens": m.num_tokens, "bytes_per_token": bpt,
             "metric": f"{m.num_samples:,} samples of {lm_sample} tokens, {bpt:.1f} bytes/token "
-                      f"({e.dtype}, d = {ctx.cfgs['ae'].model.latent_dim})"}
+                      f"({ctx.pipe.encode.dtype}, d = {ctx.cfgs['ae'].model.latent_dim})"}
 
 
-def language_model(ctx: DemoContext, name: str, shards: str) -> dict:
-    """The CALM or the Transformer stage: train, then the summary line of its engine, size and loss."""
-    result = train(ctx, name, shards, "heldout" if name == "calm" else ctx.tr_heldout)
+def language_model(ctx: DemoContext, name: str) -> dict:
+    """The CALM or the Transformer stage: the summary line of its engine, size and loss."""
+    result = trained(ctx, name)
     stage = getattr(ctx.pipe.stages, name)
     engine = f"ZeRO-{ctx.cfgs[name].train.zero_stage} × {stage.processes}" if stage.processes > 1 else "1 process"
     result["metric"] = (f"{result['steps']} steps ({engine}), {result['params'] / 1e6:.2f}M params, "
@@ -274,7 +273,7 @@ def evaluate(ctx: DemoContext) -> dict:
     tr = evaluate_model(load_trained(run / "transformer"), tr_blocks)
     (run / "eval.json").write_text(json.dumps({"calm": calm, "transformer": tr}, indent=1))
     n = sum(b.numel() for b in blocks)
-    flops = {name: ctx.stages.result(name).get("train_flops") for name in ("calm", "transformer")}
+    flops = {name: ctx.runner.result(name).get("train_flops") for name in ("calm", "transformer")}
     return {"calm": calm["brierlm"], "transformer": tr["brierlm"], "heldout_tokens": n,
             "calm_brier_n": [calm[f"brier_{i}"] for i in range(1, 5)],
             "transformer_brier_n": [tr[f"brier_{i}"] for i in range(1, 5)],
@@ -309,20 +308,16 @@ def generate(ctx: DemoContext) -> dict:
     return {"samples": samples, "metric": f"{len(samples)} samples ({', '.join(samples)}) in samples.json"}
 
 
-def export_and_reload(ctx: DemoContext) -> dict:
-    """Both language models exported as releases, reloaded, and generating what the trained models do."""
+def reload_releases(ctx: DemoContext) -> dict:
+    """After both language models are exported as releases: reloaded, they generate what the trained
+    models do."""
     import torch
 
     from calm_pretrain.release import import_release, import_release_ae
     from data_pipeline.ae_io import load_autoencoder
     from data_pipeline.tokenizers import load_tokenizer
 
-    run, release, tok_spec = ctx.run, ctx.release, ctx.tok_spec
-    run_commands([(["calm_pretrain.cli", "export", "--checkpoint", str(run / "calm"), "--out", str(release / "calm"),
-                    "--tokenizer", tok_spec, "--embed-ae", str(release / "ae")], run / "logs" / "export_calm.log"),
-                  (["calm_pretrain.cli", "export", "--checkpoint", str(run / "transformer"), "--out",
-                    str(release / "transformer"), "--tokenizer", tok_spec], run / "logs" / "export_transformer.log")],
-                 ctx.log, echo=exported)
+    run, release = ctx.run, ctx.release
     g, temp = ctx.pipe.generate, float(ctx.pipe.generate.temperatures[0])
     trained_ae = load_autoencoder(release / "ae")
     checks = {}

@@ -3,7 +3,7 @@
 One module per step, the command line apart (its --help, in cli.py, documents the sweep file format):
 
   plan.py      a sweep file → a plan directory: resolved configs, plan.json
-  submit.py    the plan's submit.sh and stage scripts, from slurm/templates/
+  submit.py    the plan's stages as a workflow graph; its submit.sh and stage scripts (the Slurm runner)
   evaluate.py  the eval stage (final BrierLM of every point) and the AE export stage
   collect.py   metrics.jsonl of every point → the runs and steps tables
   fit.py       a score against training FLOPs per group
@@ -11,7 +11,8 @@ One module per step, the command line apart (its --help, in cli.py, documents th
   cli.py       `calm-sweep` (also `python -m calm_pretrain.sweep` and tools/sweep.py)
 
 A workflow: it imports the config, the registry (what each architecture needs: an autoencoder, its
-sample length, its label) and the evaluation, and runs training as the same commands a user runs.
+sample length, its label), the evaluation and calm_pretrain/workflow (the stage description and its
+Slurm runner), and runs training as the same commands a user runs.
 No library package imports it.
 """
 from calm_pretrain.sweep.cli import main
