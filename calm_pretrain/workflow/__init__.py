@@ -10,8 +10,9 @@
             the templates in slurm/templates/
 
 The main job (calm_pretrain/demo/) and the sweep (calm_pretrain/sweep/) build their graphs from it.
-A library of the workflows: it imports nothing of ours but torch (to tell a CPU-only machine, where the
-commands run with DS_ACCELERATOR=cpu); what it runs, it runs as commands.
+A library of the workflows: it imports nothing of ours but the io module (data_pipeline/files.py, for
+atomic markers), and torch (to tell a CPU-only machine, where the commands run with DS_ACCELERATOR=cpu);
+what it runs, it runs as commands.
 """
 from calm_pretrain.workflow.local import CommandFailed, LocalRunner, SettingsChanged, chain_key, run_command
 from calm_pretrain.workflow.slurm import SlurmRunner, job_variable, render, shell_command

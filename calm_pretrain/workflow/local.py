@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from calm_pretrain.workflow.stage import Command, Graph, Stage
+from data_pipeline.files import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]  # the commands run from the repository root, as a user's do
 
@@ -71,9 +72,7 @@ class LocalRunner:
             result["seconds"] = round(time.perf_counter() - t0, 1)
             result["key"] = self.key
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(marker)  # the marker appears whole or not at all: a cut-off stage runs again
+            atomic_write_json(marker, result)  # whole or not at all: a cut-off stage runs again
         self.summary.append({"stage": name, **result})
         return result
 
