@@ -66,6 +66,7 @@ class TrainConfig:
     zero_bucket_elements: int = 50_000_000
     zero3_max_live_parameters: int = 100_000_000  # gathered ZeRO-3 parameters kept alive at once
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block in place (decoder layers, the head): docs/performance.md
     log_every: int = 10
     eval_every: int = 1000
     save_every: int = 1000
@@ -166,6 +167,10 @@ class RunConfig:
             check(self.train.zero_stage in (0, 1), "train.zero_stage",
                   f"= {self.train.zero_stage} cannot go with parallel.pipeline = {pipeline}: "
                   "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1; set train.zero_stage=1")
+        if self.train.compile:
+            check(self.train.zero_stage != 3, "train.compile",
+                  "cannot go with train.zero_stage = 3: ZeRO-3 gathers each block's parameters in module hooks "
+                  "that compiled blocks would trace around; use train.zero_stage <= 2, or train.compile=false")
         if tensor > 1:
             check(self.train.zero_stage in (0, 1, 2), "train.zero_stage",
                   f"= 3 cannot go with parallel.tensor = {tensor}: tensor parallelism splits "

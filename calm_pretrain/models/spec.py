@@ -27,6 +27,7 @@ class ModelSpec:
     pipeline_batch: Optional[Callable] = None    # (config, loader batch) -> (first-stage inputs, labels)
     checkpoint_blocks: tuple = ()    # module classes whose activations are recomputed in backward
     zero3_leaves: tuple = ()         # module classes ZeRO-3 must gather whole (they read a child's weights)
+    compile_blocks: Optional[tuple] = None  # module classes train.compile compiles one by one (None: checkpoint_blocks)
     release: Any = None              # its release adapter (a calm_pretrain.release.layout.ReleaseAdapter), or None
     label: str = ""                  # short display name in plots and sweep groups ("CALM"); "": the arch
 

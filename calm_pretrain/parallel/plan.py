@@ -2,6 +2,9 @@
 
 * activation checkpointing: each block its architecture's spec names (``checkpoint_blocks``: a decoder
   layer, an autoencoder layer) recomputes its activations in backward;
+* compilation (train.compile): each block the spec names (``compile_blocks``, else its
+  ``checkpoint_blocks``) is compiled in place (``nn.Module.compile``), so parameter names, state dicts
+  and checkpoints are those of the eager model;
 * ZeRO-3 leaves: modules whose forward reads a child's parameters directly (not through the child's
   forward; the spec's ``zero3_leaves``, e.g. CALM's ResidualMLPBlock, which applies the halves of its
   first linear's weight itself) must have all their parameters gathered at once under ZeRO-3.
@@ -41,3 +44,16 @@ def mark_zero3_leaves(model: nn.Module) -> None:
     present = [cls for cls in spec_of(model.config).zero3_leaves if any(isinstance(m, cls) for m in model.modules())]
     if present:
         set_z3_leaf_modules(model, present)
+
+
+def apply_compile(model: nn.Module, mode: str = "default") -> int:
+    """torch.compile every block the spec names, in place; returns how many. Each block is one graph of
+    fixed shapes (a decoder layer, the head), so a change of batch or sequence length recompiles it once."""
+    spec = spec_of(model.config)
+    blocks = spec.compile_blocks if spec.compile_blocks is not None else spec.checkpoint_blocks
+    count = 0
+    for module in model.modules():
+        if isinstance(module, blocks):
+            module.compile(mode=mode, dynamic=False)
+            count += 1
+    return count

@@ -24,7 +24,7 @@ from calm_pretrain.parallel.engine import (DeepSpeedEngine, TorchEngine, build_m
                                            init_distributed)
 from calm_pretrain.parallel.groups import (ParallelCoords, ParallelLayout, deepspeed_topology, init_model_parallel,
                                            tensor_parallel_seed)
-from calm_pretrain.parallel.plan import apply_activation_checkpointing, mark_zero3_leaves
+from calm_pretrain.parallel.plan import apply_activation_checkpointing, apply_compile, mark_zero3_leaves
 from calm_pretrain.train.callbacks import EvalCallback, TensorBoardCallback, WandbCallback
 from calm_pretrain.train.checkpoint import Checkpointer
 from calm_pretrain.train.console import filter_harmless_warnings
@@ -217,7 +217,7 @@ def run_training(cfg: RunConfig, log: Callable[[str], None] = print) -> int:
 
 def _build_planned_model(cfg: RunConfig, device, world_size: int, use_deepspeed: bool, ae, say) -> torch.nn.Module:
     """The model with the same initial weights on every rank (or a release's), then the plans that
-    apply to it: tensor-parallel splits, activation checkpointing, ZeRO-3 leaves."""
+    apply to it: tensor-parallel splits, activation checkpointing, ZeRO-3 leaves, compilation."""
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
         model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size) if use_deepspeed \
@@ -232,6 +232,8 @@ def _build_planned_model(cfg: RunConfig, device, world_size: int, use_deepspeed:
         say(f"activation checkpointing on {apply_activation_checkpointing(model)} blocks")
     if use_deepspeed and cfg.train.zero_stage == 3:
         mark_zero3_leaves(model)
+    if cfg.train.compile:  # last: it compiles the blocks as the plans above left them
+        say(f"torch.compile on {apply_compile(model)} blocks (the first steps compile them)")
     return model
 
 

@@ -12,7 +12,7 @@ from calm_pretrain.eval.scores import calm_scores
 from calm_pretrain.models.backbone import DecoderLayer
 from calm_pretrain.models.calm.config import CALMConfig, HeadConfig
 from calm_pretrain.models.calm.flops import inference_flops, training_flops
-from calm_pretrain.models.calm.heads import ResidualMLPBlock
+from calm_pretrain.models.calm.heads import HEADS, ResidualMLPBlock
 from calm_pretrain.models.calm.model import CALM
 from calm_pretrain.models.calm.pipeline_stages import pipeline_batch, pipeline_layers
 from calm_pretrain.models.calm.release import RELEASE
@@ -54,7 +54,8 @@ SPEC = ModelSpec(
     loss=loss, data=data, example_batch=example_batch, evaluate=calm_scores, training_flops=training_flops, inference_flops=inference_flops,
     generate=generate, published_block_tokens=8192, max_temperature=1.0,
     uses_autoencoder=True, pipeline_layers=pipeline_layers, pipeline_batch=pipeline_batch,
-    checkpoint_blocks=(DecoderLayer,), zero3_leaves=(ResidualMLPBlock,), release=RELEASE,
+    checkpoint_blocks=(DecoderLayer,), zero3_leaves=(ResidualMLPBlock,), compile_blocks=(DecoderLayer, *HEADS.values()),
+    release=RELEASE,
 )
 
 __all__ = ["CALMConfig", "HeadConfig", "CALM", "SPEC"]
