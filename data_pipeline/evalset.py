@@ -2,11 +2,10 @@
 
 Documents are tokenized, joined with EOS (the LM layout) and cut into blocks of `block_tokens`; the
 tail that does not fill a block is dropped. The block size changes BrierLM (by ~30% between 2048 and
-8192 tokens on the reference models), so callers record it with every score.
+8192 tokens on the reference models), so callers record it with every score. Scoring the blocks is
+the evaluation package's job (calm_pretrain/eval), not the data pipeline's.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -23,15 +22,3 @@ def eval_blocks(path: str, tokenizer: Tokenizer, block_tokens: int, text_field: 
     if max_blocks:
         blocks = blocks[:max_blocks]
     return [torch.from_numpy(b).long()[None] for b in blocks]
-
-
-def brier_on_text(model, path: str, tokenizer: Tokenizer, block_tokens: int, ae=None, text_field: str = "text",
-                  max_blocks: int = 0, generator: Optional[torch.Generator] = None) -> dict:
-    """BrierLM of a CALM (with its autoencoder) or a Transformer on a text source; the result names the
-    eval set and the block size."""
-    from calm_pretrain.brier import evaluate_brier
-
-    blocks = eval_blocks(path, tokenizer, block_tokens, text_field, max_blocks)
-    with torch.no_grad():
-        result = evaluate_brier(model.eval(), blocks, ae=ae, generator=generator)
-    return {**result, "eval_set": str(path), "block_tokens": block_tokens}

@@ -5,7 +5,8 @@ from calm_pretrain.models.autoencoder import AutoencoderConfig
 from calm_pretrain.models.calm import CALMConfig, HeadConfig
 from calm_pretrain.models.transformer import TransformerConfig
 from calm_pretrain.models import build_model
-from data_pipeline.evalset import brier_on_text, eval_blocks
+from calm_pretrain.brier import evaluate_brier
+from data_pipeline.evalset import eval_blocks
 from data_pipeline.tokenizers import load_tokenizer
 from tests.helpers.brier import brierlm_of, exact_lm_brier_1
 
@@ -19,7 +20,7 @@ def _tiny(vocab):
     return calm, ae, build_model(TransformerConfig(**common))
 
 
-def test_wikitext_blocks_and_brier_record_the_block_size(shared_data):
+def test_wikitext_blocks_score_with_brierlm(shared_data):
     tok = load_tokenizer("demo")
     path = str(shared_data / "wikitext103_test_documents.jsonl")
     blocks = eval_blocks(path, tok, 64, max_blocks=3)
@@ -29,8 +30,9 @@ def test_wikitext_blocks_and_brier_record_the_block_size(shared_data):
     torch.manual_seed(0)
     calm, ae, tr = _tiny(tok.vocab_size)
     for model, kwargs in ((calm, {"ae": ae}), (tr, {})):
-        result = brier_on_text(model, path, tok, 64, max_blocks=2, generator=torch.Generator().manual_seed(0), **kwargs)
-        assert result["block_tokens"] == 64 and result["eval_set"] == path and result["num_blocks"] == 2
+        with torch.no_grad():
+            result = evaluate_brier(model.eval(), blocks[:2], generator=torch.Generator().manual_seed(0), **kwargs)
+        assert result["num_blocks"] == 2
         assert result["brierlm"] == pytest.approx(brierlm_of(result), abs=1e-9)
         if model is tr:  # the Transformer's Brier-1 is exact: its softmax, by hand
             assert result["brier_1"] == pytest.approx(exact_lm_brier_1(tr, eval_blocks(path, tok, 64, max_blocks=2)), rel=1e-6)
