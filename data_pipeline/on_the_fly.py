@@ -1,8 +1,8 @@
 """``data.latents: on_the_fly``: CALM trains on token shards, and the frozen autoencoder encodes each
 micro-batch inside the training step instead of ahead of time (``calm-data encode``).
 
-Token shards cost about 1.3 bytes per token; latent shards 51–81 (docs/performance.md, "Latents:
-stored or on the fly"). The price is the AE encoder's forward pass in every step: batched, under
+Token shards cost about 1.3 bytes per token; latent shards 51–81 (docs/performance.md, 'Latents:
+stored or on the fly'). The price is the AE encoder's forward pass in every step: batched, under
 ``torch.no_grad``, on the engine's device, in bf16 autocast on CUDA exactly as ``calm-data encode``
 runs it (:func:`data_pipeline.encode.encode_posterior`), and kept in float32 (no storage rounding).
 
