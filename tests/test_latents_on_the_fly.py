@@ -163,3 +163,24 @@ def test_the_config_key_is_checked():
     with pytest.raises(ConfigError, match=r"^data.latents: = on_the_fly .* a transformer model trains on token"):
         load_config(None, transformer)
     assert load_config(None, base).data.latents == "stored"
+
+
+def test_export_checks_the_embedded_autoencoder_against_the_one_run_in_the_step(shards):
+    from calm_pretrain.models import build_model
+    from calm_pretrain.release import ReleaseError, export_release
+    from calm_pretrain.release.from_checkpoint import export_checkpoint
+    from data_pipeline.ae_io import load_autoencoder
+    from tests.helpers.models import tiny_ae_config
+
+    export_release(load_autoencoder(shards / "ae"), shards / "ae_release")
+    torch.manual_seed(1)
+    export_release(build_model(tiny_ae_config(vocab_size=64, latent_dim=8)).eval(), shards / "other_release")
+    cfg = load_config(None, [*TINY, f"data.train={shards / 'tok'}", "data.latents=on_the_fly", "train.max_steps=2",
+                             f"model.ae_path={shards / 'ae_release'}", f"train.output_dir={shards / 'run'}"])
+    assert run_training(cfg, log=lambda s: None) == 0
+    with pytest.raises(ReleaseError, match="other_release has fingerprint .* trained on latents encoded by"):
+        export_checkpoint(shards / "run", shards / "bad", embed_ae=str(shards / "other_release"), say=lambda s: None)
+    _, source = export_checkpoint(shards / "run", shards / "good", embed_ae=str(shards / "ae_release"),
+                                  say=lambda s: None)
+    assert source["embedded_ae_fingerprint"] == source["data"]["ae_fingerprint"]
+    assert source["data"]["latents"] == "on_the_fly" and not (shards / "bad").exists()
