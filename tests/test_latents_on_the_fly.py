@@ -184,3 +184,28 @@ def test_export_checks_the_embedded_autoencoder_against_the_one_run_in_the_step(
                                   say=lambda s: None)
     assert source["embedded_ae_fingerprint"] == source["data"]["ae_fingerprint"]
     assert source["data"]["latents"] == "on_the_fly" and not (shards / "bad").exists()
+
+
+@pytest.mark.slow
+def test_on_the_fly_under_deepspeed_data_parallel(shards):
+    """Two DeepSpeed ZeRO-1 ranks, each encoding its own micro-batches: the stored run's losses (up to the
+    stored bf16 rounding), and a resume from its checkpoint on the same AE."""
+    from calm_pretrain.config import dump_config
+    from tests.helpers.runs import read_log, run_train
+
+    def config(name: str, *extra: str):
+        cfg = _config(shards, name, "train.engine=deepspeed", "train.zero_stage=1", *extra)
+        path = shards / f"{name}.yaml"
+        path.write_text(dump_config(cfg))
+        return path
+
+    stored = config("stored", f"data.train={shards / 'lat'}")
+    assert run_train(stored, shards / "stored") == [0, 0], read_log(shards / "stored")
+    fly = [f"data.train={shards / 'tok'}", "data.latents=on_the_fly"]
+    assert run_train(config("fly", *fly, "train.max_steps=2"), shards / "fly") == [0, 0], read_log(shards / "fly")
+    assert run_train(config("fly", *fly), shards / "fly") == [0, 0], read_log(shards / "fly")
+    log = read_log(shards / "fly")
+    assert "latents on the fly (autoencoder" in log and "resumed from" in log
+    a, b = _losses(shards / "stored"), _losses(shards / "fly")
+    assert [s for s, _ in b] == [1, 2, 3, 4]
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=2e-2)
