@@ -209,3 +209,28 @@ def test_on_the_fly_under_deepspeed_data_parallel(shards):
     a, b = _losses(shards / "stored"), _losses(shards / "fly")
     assert [s for s, _ in b] == [1, 2, 3, 4]
     assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=2e-2)
+
+
+@pytest.mark.gpu
+def test_on_the_fly_on_the_gpu_encodes_as_calm_data_encode_does(shards):
+    """On CUDA the AE runs on the training device in bf16 autocast: the batch equals calm-data encode's
+    encoding on that device, is near the float32 CPU one, and a run trains on it."""
+    from data_pipeline.ae_io import load_autoencoder
+    from data_pipeline.encode import encode_ids
+    from data_pipeline.on_the_fly import OnTheFlyLatents
+
+    cuda = torch.device("cuda")
+    ae = load_autoencoder(shards / "ae")
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cpu_mu, _ = ae.encode(ids)
+    pre_mu, pre_log_sigma = encode_ids(load_autoencoder(shards / "ae"), ids.numpy(), cuda)
+    batch = OnTheFlyLatents(ae, cuda, k=4, latent_dim=8, where="ae")({"ids": ids})
+    assert batch["ids"].device.type == "cuda" and batch["mu"].device.type == "cuda"
+    assert next(ae.parameters()).device.type == "cuda"
+    assert np.array_equal(batch["mu"].cpu().numpy(), pre_mu)
+    assert np.array_equal(batch["log_sigma"].cpu().numpy(), pre_log_sigma)
+    assert (batch["mu"].cpu() - cpu_mu).abs().max() < 5e-2 * max(1.0, float(cpu_mu.abs().max()))
+    cfg = _config(shards, "gpu", f"data.train={shards / 'tok'}", "data.latents=on_the_fly", "train.max_steps=2")
+    assert run_training(cfg, log=lambda s: None) == 0
+    assert [s for s, _ in _losses(shards / "gpu")] == [1, 2]
