@@ -26,6 +26,9 @@ __all__ = ["ConfigError", "DataConfig", "TrainConfig", "EvalConfig", "ParallelCo
            "load_config", "config_from_dict", "model_config_from_dict", "dump_config", "validate_sections"]
 
 
+LATENT_SOURCES = ("stored", "on_the_fly")
+
+
 # --------------------------------------------------------------------------------------------
 # Run sections (the trainer issue extends these; keep every default here)
 # --------------------------------------------------------------------------------------------
@@ -36,9 +39,14 @@ class DataConfig:
     eval: Optional[str] = None
     seq_chunks: int = 512  # L: chunk positions per sample (tokens per sample = L·K)
     seed: int = 1234
+    # Where a model on a frozen AE's latents (CALM) gets them: `stored` reads latent shards (calm-data
+    # encode); `on_the_fly` reads token shards and runs the frozen AE (model.ae_path) in every step.
+    latents: str = "stored"  # stored | on_the_fly
 
     def validate(self, p: str) -> None:
         check(self.seq_chunks >= 2, f"{p}.seq_chunks", "must be >= 2 (position i predicts chunk i+1)")
+        check(self.latents in LATENT_SOURCES, f"{p}.latents",
+              f"must be {' or '.join(LATENT_SOURCES)}, got {self.latents!r}")
         check(not self.weights or len(self.weights) == len(self.train), f"{p}.weights",
                f"has {len(self.weights)} entries but {p}.train has {len(self.train)}")
 
@@ -176,7 +184,19 @@ class RunConfig:
                   f"= 3 cannot go with parallel.tensor = {tensor}: tensor parallelism splits "
                   "the full weights, which ZeRO-3 never materialises; use train.zero_stage=1")
         self.model.validate_parallel(tensor, pipeline)
+        self._validate_latents()
         return self
+
+    def _validate_latents(self) -> None:
+        """data.latents=on_the_fly encodes with the run's frozen AE: the model must train on one, and name it."""
+        if self.data.latents != "on_the_fly":
+            return
+        check(spec_of(self.model).uses_autoencoder, "data.latents",
+              f"= on_the_fly encodes latents with a frozen autoencoder, but a {self.model.arch} model trains on "
+              "token shards directly; leave data.latents = stored")
+        check(bool(getattr(self.model, "ae_path", None)), "data.latents",
+              "= on_the_fly runs the frozen autoencoder in every step, but model.ae_path is not set: name the "
+              "autoencoder directory (calm-pretrain train --ae DIR), or train on latent shards (data.latents=stored)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

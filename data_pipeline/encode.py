@@ -79,13 +79,21 @@ def dist_rank_world(rank: Optional[int] = None, world_size: Optional[int] = None
     return r, w
 
 
-@torch.no_grad()
+def encode_posterior(ae, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mu, log_sigma) float32 [n, L, d] of token ids [n, L·K], on the ids' device: under
+    ``torch.no_grad``, in bf16 autocast on CUDA. The one encoding of pre-encoding (below) and of
+    ``data.latents=on_the_fly`` (data_pipeline/on_the_fly.py)."""
+    with torch.no_grad(), torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16,
+                                         enabled=ids.device.type == "cuda"):
+        mu, log_sigma = ae.encode(ids)
+    return mu.float(), log_sigma.float()
+
+
 def encode_ids(ae, ids: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior (mu, log_sigma) float32 [n, L, d] of token ids [n, L·K]."""
+    """Posterior (mu, log_sigma) float32 [n, L, d] of token ids [n, L·K], as numpy arrays."""
     x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)).to(device, non_blocking=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        mu, log_sigma = ae.encode(x)
-    return mu.float().cpu().numpy(), log_sigma.float().cpu().numpy()
+    mu, log_sigma = encode_posterior(ae, x)
+    return mu.cpu().numpy(), log_sigma.cpu().numpy()
 
 
 def check_ae_matches_tokens(ae, tm: Manifest) -> None:

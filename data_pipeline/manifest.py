@@ -298,12 +298,13 @@ def forget_shard(shard: Path) -> None:
 def check_compatible(manifest: Manifest | str | os.PathLike, *, k: Optional[int] = None,
                      latent_dim: Optional[int] = None, ae_fingerprint: Optional[str] = None,
                      tokenizer_fingerprint: Optional[str] = None, sample_tokens: Optional[int] = None,
-                     vocab_size: Optional[int] = None) -> Manifest:
+                     vocab_size: Optional[int] = None, kind: Optional[str] = None) -> Manifest:
     """Raise :class:`IncompatibleDataError` unless the shards were made for this configuration.
 
     Arguments left as None are not checked. The message names the manifest file, the run's value and
     the shards' value. Latent-only properties (latent_dim, ae_fingerprint) asked of token shards are an
-    error too: such a run needs latent shards."""
+    error too: such a run needs latent shards. `kind` "tokens" refuses latent shards (a run that encodes
+    its latents itself, ``data.latents=on_the_fly``, reads token shards)."""
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, check_files=False)
     where = m.path or "manifest"
 
@@ -315,9 +316,16 @@ def check_compatible(manifest: Manifest | str | os.PathLike, *, k: Optional[int]
         raise bad("K (tokens per chunk)", k, m.k)
     if sample_tokens is not None and int(sample_tokens) != m.sample_tokens:
         raise bad("tokens per sample (L·K)", sample_tokens, m.sample_tokens)
+    if kind == "tokens" and m.kind != "tokens":
+        source = ((m.latent or {}).get("token_manifest") or {}).get("path")
+        raise IncompatibleDataError(f"{where}: holds {m.kind} shards, but data.latents = on_the_fly reads token "
+                                    f"shards and encodes them with model.ae_path in the step; give the token shards"
+                                    + (f" these were encoded from ({source})" if source else "")
+                                    + ", or set data.latents=stored to train on these latents")
     if (latent_dim is not None or ae_fingerprint is not None) and m.kind != "latents":
         raise IncompatibleDataError(f"{where}: holds {m.kind} shards, but the run needs latent shards "
-                                    f"(pre-encoded with the autoencoder: calm-data encode)")
+                                    f"(pre-encoded with the autoencoder: calm-data encode), or set "
+                                    f"data.latents=on_the_fly to encode these token shards in the step")
     if latent_dim is not None and int(latent_dim) != m.latent_dim:
         raise bad("latent dim d", latent_dim, m.latent_dim)
     if ae_fingerprint is not None and ae_fingerprint != m.ae_fingerprint:

@@ -4,7 +4,8 @@
   any newer checkpoint passed over (damaged, unfinished) is warned about, and both are recorded in the
   release (``calm_pretrain.json`` → ``source``: checkpoint, step, fallback).
 - Which data: every checkpoint records the fingerprints of the tokenizer and (latent shards) of the
-  autoencoder its training data was made with (``trainer_state.json`` → ``data_sources``; older
+  autoencoder its training data was made with, or run in the step (``data.latents=on_the_fly``)
+  (``trainer_state.json`` → ``data_sources``; older
   checkpoints: read from the manifests they name). An ``--embed-ae`` or ``--tokenizer`` that does not
   match is refused, naming both fingerprints: a release embedding another AE decodes into other tokens.
 - Where: an existing release of another model is never replaced, nor the AE being embedded; one of the
@@ -137,6 +138,6 @@ def _embedded_ae(embed_ae: str, sources: Optional[dict], ckpt: Path):
     fingerprint = autoencoder_fingerprint(ae)
     if sources is None:
         _unverifiable(f"--embed-ae {embed_ae}", ckpt)
-    elif sources.get("kind") == "latents":
+    elif sources.get("kind") == "latents" or sources.get("latents") == "on_the_fly":  # trained on its latents
         _check_against_data("autoencoder", embed_ae, fingerprint, sources.get("ae_fingerprint"), ckpt)
     return ae.state_dict(), ae_cfg, fingerprint

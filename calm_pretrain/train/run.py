@@ -53,13 +53,29 @@ def load_frozen_autoencoder(cfg: RunConfig) -> Optional[torch.nn.Module]:
 
 def data_expectations(cfg: RunConfig, ae: Optional[torch.nn.Module] = None) -> dict:
     """What the shards must have been made for: the loader refuses anything else, naming the file.
-    With CALM's frozen AE given, latent shards must also have been encoded by it."""
+    With CALM's frozen AE given, latent shards must also have been encoded by it. With
+    data.latents=on_the_fly the shards are token shards of the same samples (L·K tokens), ids only: the
+    latents' K and size are the AE's (checked by OnTheFlyLatents), its fingerprint the trainer state's."""
     expect = spec_of(cfg.model).data(cfg.model, cfg.data.seq_chunks)
+    if cfg.data.latents == "on_the_fly":
+        return {**{key: v for key, v in expect.items() if key not in ("k", "latent_dim", "ae_fingerprint")},
+                "kind": "tokens"}
     if ae is not None:
         from data_pipeline.ae_io import autoencoder_fingerprint
 
         expect["ae_fingerprint"] = autoencoder_fingerprint(ae)
     return expect
+
+
+def build_latent_transform(cfg: RunConfig, ae: Optional[torch.nn.Module], device: torch.device):
+    """data.latents=on_the_fly: the frozen AE encoding every micro-batch on `device` (None when stored)."""
+    if cfg.data.latents != "on_the_fly":
+        return None
+    from data_pipeline.on_the_fly import OnTheFlyLatents
+
+    if ae is None:  # config validation requires model.ae_path; a caller passing no AE is a bug of its own
+        raise ConfigError("data.latents: on_the_fly needs the frozen autoencoder (model.ae_path)")
+    return OnTheFlyLatents(ae, device, k=cfg.model.k, latent_dim=cfg.model.latent_dim, where=cfg.model.ae_path)
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -181,6 +197,8 @@ def _check_release_autoencoder(path: str, released_cfg: CALMConfig, cfg: RunConf
     if given != recorded:
         raise ConfigError(f"train.init_from: {path} was trained with autoencoder {recorded}; model.ae_path "
                           f"{cfg.model.ae_path} is autoencoder {given}")
+    if cfg.data.latents == "on_the_fly":  # the given AE (checked above) encodes the token shards in the step
+        return
     for shards in cfg.data.train:
         encoded_by = load_manifest(shards).ae_fingerprint
         if encoded_by != recorded:
@@ -285,6 +303,9 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
     torch.manual_seed(tensor_parallel_seed(cfg.train.seed, coords))
 
     loader = build_loader(cfg, coords.dp_rank, coords.dp_size, ae)
+    latents = build_latent_transform(cfg, ae, device)  # None: the loader's latent shards hold them
+    if latents is not None:
+        latents.check_tokens(loader.manifests)
     if topology is not None:
         from calm_pretrain.parallel.pipeline import PipelineEngine
 
@@ -301,16 +322,19 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     peak, peak_source = peak_flops(device, bf16, cfg.train.peak_flops)
     context = cfg.data.seq_chunks
-    flops = training_flops_per_token(cfg.model, context).total
+    # On the fly, the AE encoder runs in the step: its forward pass counts (MFU, the FLOPs line).
+    flops = training_flops_per_token(cfg.model, context, latents.ae.config if latents else None).total
     params = _parameters_label(cfg, model)
     say(f"[{cfg.name}] {cfg.model.arch}, {params}, {flops / 1e6:.1f} MFLOPs/token; "
         f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source}); engine "
-        f"{'DeepSpeed ZeRO-' + str(cfg.train.zero_stage) if use_deepspeed else 'torch'}; world size {world_size}")
+        f"{'DeepSpeed ZeRO-' + str(cfg.train.zero_stage) if use_deepspeed else 'torch'}; world size {world_size}"
+        + (f"; latents on the fly (autoencoder {latents.fingerprint} on {device})" if latents else ""))
 
     trainer = Trainer(cfg, engine.module, loader, out, engine=engine, log=log,
                       callbacks=_callbacks(cfg, out, rank, ae, pipelined=topology is not None, say=say),
                       checkpointer=Checkpointer(out / "checkpoints", cfg.train.keep_last, rank, world_size, log=say),
-                      stop=stop, rank=rank, world_size=world_size, flops_per_token=flops, peak_flops=peak)
+                      stop=stop, rank=rank, world_size=world_size, flops_per_token=flops, peak_flops=peak,
+                      batch_transform=latents)
     try:
         trainer.resume()
         if rank == 0:  # only now: a refused resume leaves the run's record of itself as it was

@@ -105,8 +105,14 @@ class Trainer:
                  engine: Optional[Engine] = None, callbacks: Iterable[Callback] = (),
                  log: Callable[[str], None] = print,
                  checkpointer: Optional[Checkpointer] = None, stop: Optional[StopRequest] = None,
-                 rank: Optional[int] = None, world_size: Optional[int] = None, flops_per_token: float = 0.0, peak_flops: float = 0.0):
+                 rank: Optional[int] = None, world_size: Optional[int] = None, flops_per_token: float = 0.0, peak_flops: float = 0.0,
+                 batch_transform: Optional[Callable[[dict], dict]] = None):
+        """`batch_transform`: applied to every micro-batch as the engine pulls it, after the input scan
+        (data.latents=on_the_fly: data_pipeline.on_the_fly.OnTheFlyLatents, the frozen AE's encoding). Its
+        `state_dict()` goes into the trainer state, `data_sources(...)` amends the loader's, and a resume
+        calls its `check_resume(saved record, checkpoint)`, which refuses a checkpoint made without it."""
         self.cfg, self.model = cfg, model
+        self.batch_transform = batch_transform
         self.loader = batches
         self.batches = iter(batches)
         self.engine = engine or TorchEngine(model, cfg)
@@ -148,7 +154,7 @@ class Trainer:
         """The loader's micro-batches, each scanned for non-finite inputs as the engine pulls it."""
         for raw in self.batches:
             self._scan_inputs(raw)
-            yield raw
+            yield raw if self.batch_transform is None else self.batch_transform(raw)
 
     def _scan_inputs(self, batch: dict) -> None:
         """Remember the (dataset, index) of samples whose float inputs (CALM's latents) are not finite."""
@@ -332,6 +338,9 @@ class Trainer:
             state["data"] = [str(m.path) for m in self.loader.manifests]
             # The tokenizer / autoencoder fingerprints of the shards: export checks a release against them.
             state["data_sources"] = getattr(self.loader, "data_sources", None)
+        if self.batch_transform is not None:
+            state["batch_transform"] = self.batch_transform.state_dict()
+            state["data_sources"] = self.batch_transform.data_sources(state.get("data_sources"))
         return state
 
     def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
@@ -339,6 +348,12 @@ class Trainer:
         if changes:
             raise CheckpointError(f"{source}: the model changed since it was saved, refusing to resume: "
                                   + "; ".join(changes))
+        if self.batch_transform is not None:  # before the data check: it names the autoencoder, not only the shards
+            self.batch_transform.check_resume(state.get("batch_transform"), source)
+        elif state.get("batch_transform"):
+            raise CheckpointError(f"{source}: was trained with a transform of every batch ({state['batch_transform']}) "
+                                  f"that this run does not have (data.latents = {self.cfg.data.latents}); resume it "
+                                  f"with the data settings it was trained with")
         if "loader" in state:
             if not hasattr(self.loader, "load_state_dict"):
                 raise CheckpointError(f"{source}: holds a data-loader position but this run's data has none")
