@@ -55,6 +55,8 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 class TorchEngine:
+    kind = "torch"
+
     def __init__(self, model: nn.Module, cfg: RunConfig):
         self.module, self.cfg = model, cfg
         self.optimizer = build_optimizer(model, cfg)
@@ -197,6 +199,8 @@ def gathered_for_writing(params):
 
 
 class DeepSpeedEngine:
+    kind = "deepspeed"
+
     def __init__(self, model: nn.Module, cfg: RunConfig, world_size: Optional[int] = None, mpu=None):
         """`mpu`: the model-parallel groups (``groups.DeepSpeedMPU()`` under tensor parallelism): DeepSpeed
         then reduces gradients over the data-parallel group only, broadcasts initial weights within it,
@@ -305,25 +309,13 @@ def _load(engine, path: Path, universal: bool = False) -> None:
 
 def _universal_copy(path: Path, model_config, from_pipeline: bool, to_pipeline: bool) -> Path:
     """`path` converted (on rank 0, once per target naming) to the universal format, beside it."""
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
     from calm_pretrain.parallel.distributed import barrier, rank
-    from calm_pretrain.parallel.pipeline_layout import pipeline_parameter_names
+    from calm_pretrain.parallel.universal import to_universal
 
     out = path.with_name(path.name + ("_universal_pipeline" if to_pipeline else "_universal"))
     if rank() == 0 and not (out / "zero").is_dir():
         tmp = path.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        ds_to_universal.main(argparse.Namespace(
-            input_folder=str(path), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-            keep_temp_folder=False, strict=True, inject_missing_state=True))
-        if from_pipeline != to_pipeline:
-            to_pipe = pipeline_parameter_names(model_config)
-            rename = {v: k for k, v in to_pipe.items()} if from_pipeline else to_pipe
-            for old, new in rename.items():
-                os.rename(tmp / "zero" / old, tmp / "zero" / new)
-        os.replace(tmp, out)
+        os.replace(to_universal(path, tmp, model_config, from_pipeline, to_pipeline), out)
     barrier()
     return out
