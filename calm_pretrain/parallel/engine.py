@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -123,49 +122,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def _rank_env_from_slurm() -> None:
-    """Launched by `srun` (one task per GPU, no torchrun): RANK, WORLD_SIZE, LOCAL_RANK from the task's
-    SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; MASTER_ADDR, unless exported (slurm/common.sh
-    does), is the step's first host. SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: srun sets it for its tasks
-    only, while the batch shell's SLURM_NTASKS/SLURM_PROCID describe the allocation, and a plain run
-    there must stay one process instead of waiting for ranks that never start."""
-    env = os.environ
-    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
-        return
-    if "MASTER_ADDR" not in env:
-        import subprocess
-
-        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-        env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
-                                            capture_output=True, text=True).stdout.split()[0]
-    env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 15000))  # as slurm/common.sh
-    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
-               LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-
-
-def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
-    """Join the process group torchrun/srun describes (gloo on CPU, nccl on GPU); (rank, world_size)."""
-    _rank_env_from_slurm()
-    if "RANK" not in os.environ:
-        return 0, 1
-    import datetime
-
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Its shared-memory all-reduce op would be JIT-compiled (~90 s); gloo does the same job here.
-        # (Patched through sys.modules: the module object differs from what a plain import returns.)
-        import deepspeed.comm.torch  # noqa: F401
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def build_model_sharded(cfg: RunConfig, build: Callable[[], nn.Module], world_size: int) -> nn.Module:
