@@ -90,35 +90,48 @@ def test_resume_checks_the_recorded_engine_not_the_files(tmp_path):
         trainer._check_engine_kind(path, read_trainer_state(path))
 
 
-def _train_and_save(rank, world_size, zero_stage, out):
-    """Two DeepSpeed steps at ZeRO `zero_stage`, a checkpoint, and the live model's full weights (gathered
-    from the ZeRO-3 partitions) beside it."""
+def _train_and_save(rank, world_size, zero_stage, tensor, out):
+    """Two DeepSpeed steps at ZeRO `zero_stage` and tensor-parallel size `tensor`, a checkpoint, and the
+    live model's full weights beside it (gathered from the ZeRO-3 partitions or the TP ranks' slices)."""
     import deepspeed
 
     from calm_pretrain.parallel.distributed import init_distributed
     from calm_pretrain.parallel.engine import DeepSpeedEngine, build_model_sharded
+    from calm_pretrain.parallel.groups import DeepSpeedMPU, init_model_parallel
+    from calm_pretrain.parallel.tensor import apply_tensor_parallel, gather_tensor_parallel_state_dict
     from calm_pretrain.train.trainer import model_loss
 
     init_distributed()
-    cfg = _cfg(f"train.zero_stage={zero_stage}")
+    cfg = _cfg(f"train.zero_stage={zero_stage}", f"parallel.tensor={tensor}")
     torch.manual_seed(0)
-    engine = DeepSpeedEngine(build_model_sharded(cfg, lambda: build_model(cfg.model), world_size), cfg)
-    batches = _batches(rank)
+    model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size)
+    mpu, data_rank = None, rank
+    if tensor > 1:
+        data_rank = init_model_parallel(tensor, 1).dp_rank  # the ranks of a TP group read the same batch
+        apply_tensor_parallel(model)
+        mpu = DeepSpeedMPU()
+    engine = DeepSpeedEngine(model, cfg, world_size, mpu=mpu)
+    batches = _batches(data_rank)
     for _ in range(2):
         engine.step(batches, 1e-2, lambda forward, batch: model_loss(cfg.model, forward, batch))
     Checkpointer(out / "checkpoints", rank=rank, world_size=world_size, log=lambda s: None).save(
         2, engine, {"config": cfg.to_dict()})
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params) if zero_stage == 3 else contextlib.nullcontext():
-        live = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    if tensor > 1:
+        live = gather_tensor_parallel_state_dict(engine.module)
+    else:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())) if zero_stage == 3 \
+                else contextlib.nullcontext():
+            live = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     if rank == 0:
         torch.save(live, out / "live.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1, 3])
-def test_a_deepspeed_checkpoint_consolidates_to_the_live_engines_weights(tmp_path, zero_stage, capfd):
-    run_distributed_test(_train_and_save, 2, zero_stage, tmp_path)
+@pytest.mark.parametrize("zero_stage,tensor", [(0, 1), (1, 1), (3, 1), (0, 2), (1, 2)])
+def test_a_deepspeed_checkpoint_consolidates_to_the_live_engines_weights(tmp_path, zero_stage, tensor, capfd):
+    """ZeRO-0 goes through the fallback (its weights whole in the model-states files, TP slices merged),
+    every other stage through DeepSpeed's universal conversion; 2 ranks: DP=2, or TP=2."""
+    run_distributed_test(_train_and_save, 2, zero_stage, tensor, tmp_path)
     live = torch.load(tmp_path / "live.pt")
     path = tmp_path / "checkpoints" / "step_00000002"
     assert read_trainer_state(path)["engine"] == "deepspeed"

@@ -72,9 +72,10 @@ def _fp32_weight(path: Path, shape: torch.Size) -> torch.Tensor:
 
 def writes_optimizer_partitions(engine_dir: Path) -> bool:
     """Whether a DeepSpeed checkpoint holds the optimizer partition files (`*_optim_states.pt`) that
-    ds_to_universal reads. ZeRO stages 1-3 always write them, and so does stage 0 when DeepSpeed's bf16
-    optimizer wraps a pipeline's; stage 0 in fp32 (the optimizer is torch's own) and bf16 without a
-    pipeline (DeepSpeed's DDP-bf16 wrapper) keep the optimizer inside the model-states files instead."""
+    ds_to_universal reads. ZeRO stages 1-3 always write them. Stage 0 in fp32 (the optimizer is torch's
+    own) and in bf16 without a pipeline (DeepSpeed's DDP-bf16 wrapper) keep the optimizer inside the
+    model-states files instead (both seen on CPU); stage 0 in bf16 with a pipeline gets DeepSpeed's
+    BF16_Optimizer, which writes them (DeepSpeed's engine code; not run here without a GPU)."""
     return any(Path(engine_dir).glob("*optim_states.pt"))
 
 
