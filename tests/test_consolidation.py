@@ -78,6 +78,16 @@ def test_the_recorded_engine_decides_how_a_checkpoint_is_read(tmp_path):
     state, _ = consolidated_state_dict(path)
     assert all(torch.equal(state[k], live[k]) for k in live)
 
+    _rewrite_state(path, engine="torch")  # says plain PyTorch, holds no engine.pt (nor lists it)
+    (path / "engine" / "engine.pt").unlink()
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["engine/engine.pt"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as e:
+        consolidated_state_dict(path)
+    assert str(e.value).startswith(f"{path / 'engine' / 'engine.pt'}: missing; {path / 'trainer_state.json'} says "
+                                   f"a plain-PyTorch engine wrote this checkpoint")
+
 
 def test_resume_checks_the_recorded_engine_not_the_files(tmp_path):
     from calm_pretrain.train.trainer import Trainer
