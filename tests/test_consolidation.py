@@ -18,12 +18,16 @@ from data_pipeline.files import sha256_file
 from tests.helpers.ranks import run_distributed_test
 
 
-def _cfg(*overrides):
-    return load_config(None, ["model.arch=transformer", "model.vocab_size=64", "model.hidden_size=32",
-                              "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
-                              "model.num_kv_heads=2", "model.pad_token_id=0", "model.eos_token_id=1",
-                              "model.bos_token_id=1", "train.warmup_steps=0", "train.precision=fp32",
-                              "train.micro_batch_size=2", "train.grad_accum_steps=1", *overrides])
+TRANSFORMER = ["model.arch=transformer", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2"]
+# Its token embedding and output weight are one Parameter under two names (DeepSpeed stores it once).
+AUTOENCODER = ["model.arch=autoencoder", "model.k=4", "model.latent_dim=8"]
+
+
+def _cfg(*overrides, arch=TRANSFORMER):
+    return load_config(None, [*arch, "model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=64",
+                              "model.pad_token_id=0", "model.eos_token_id=2", "model.bos_token_id=1",
+                              "train.warmup_steps=0", "train.precision=fp32", "train.micro_batch_size=2",
+                              "train.grad_accum_steps=1", *overrides])
 
 
 def _batches(seed):
@@ -100,7 +104,7 @@ def test_resume_checks_the_recorded_engine_not_the_files(tmp_path):
         trainer._check_engine_kind(path, read_trainer_state(path))
 
 
-def _train_and_save(rank, world_size, zero_stage, tensor, out):
+def _train_and_save(rank, world_size, zero_stage, tensor, arch, out):
     """Two DeepSpeed steps at ZeRO `zero_stage` and tensor-parallel size `tensor`, a checkpoint, and the
     live model's full weights beside it (gathered from the ZeRO-3 partitions or the TP ranks' slices)."""
     import deepspeed
@@ -112,7 +116,7 @@ def _train_and_save(rank, world_size, zero_stage, tensor, out):
     from calm_pretrain.train.trainer import model_loss
 
     init_distributed()
-    cfg = _cfg(f"train.zero_stage={zero_stage}", f"parallel.tensor={tensor}")
+    cfg = _cfg(f"train.zero_stage={zero_stage}", f"parallel.tensor={tensor}", arch=arch)
     torch.manual_seed(0)
     model = build_model_sharded(cfg, lambda: build_model(cfg.model), world_size)
     mpu, data_rank = None, rank
@@ -131,17 +135,19 @@ def _train_and_save(rank, world_size, zero_stage, tensor, out):
     else:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())) if zero_stage == 3 \
                 else contextlib.nullcontext():
-            live = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+            live = {name: p.detach().clone() for name, p in engine.module.named_parameters(remove_duplicate=False)}
     if rank == 0:
         torch.save(live, out / "live.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage,tensor", [(0, 1), (1, 1), (3, 1), (0, 2), (1, 2)])
-def test_a_deepspeed_checkpoint_consolidates_to_the_live_engines_weights(tmp_path, zero_stage, tensor, capfd):
+@pytest.mark.parametrize("zero_stage,tensor,arch", [(0, 1, TRANSFORMER), (1, 1, TRANSFORMER), (3, 1, TRANSFORMER),
+                                                    (0, 2, TRANSFORMER), (1, 2, TRANSFORMER), (1, 1, AUTOENCODER),
+                                                    (3, 1, AUTOENCODER)], ids=lambda v: v[0] if isinstance(v, list) else v)
+def test_a_deepspeed_checkpoint_consolidates_to_the_live_engines_weights(tmp_path, zero_stage, tensor, arch, capfd):
     """ZeRO-0 goes through the fallback (its weights whole in the model-states files, TP slices merged),
     every other stage through DeepSpeed's universal conversion; 2 ranks: DP=2, or TP=2."""
-    run_distributed_test(_train_and_save, 2, zero_stage, tensor, tmp_path)
+    run_distributed_test(_train_and_save, 2, zero_stage, tensor, arch, tmp_path)
     live = torch.load(tmp_path / "live.pt")
     path = tmp_path / "checkpoints" / "step_00000002"
     assert read_trainer_state(path)["engine"] == "deepspeed"

@@ -49,15 +49,21 @@ def to_universal(engine_dir: Path, out: Path, model_config, from_pipeline: bool,
 
 
 def universal_state_dict(universal_dir: Path, model_config) -> dict:
-    """{model parameter name: full fp32 weight} from a universal checkpoint named as the model's."""
+    """{model parameter name: full fp32 weight} from a universal checkpoint named as the model's. A tied
+    parameter (one Parameter under two names, e.g. the autoencoder's embedding and output weight) is
+    stored once, under its first name, and given under each of its names."""
     with torch.device("meta"):
-        shapes = {name: p.shape for name, p in build_model(model_config).named_parameters()}
+        model = build_model(model_config)
+    first: dict[int, str] = {}  # parameter identity -> the name DeepSpeed stores it under
+    names = {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+    shapes = dict(model.named_parameters())
     zero = Path(universal_dir) / "zero"
     missing = [name for name in shapes if not (zero / name / "fp32.pt").is_file()]
     if missing:
         raise FileNotFoundError(f"{universal_dir}: the universal conversion holds no weight for {missing[:5]}"
                                 f"{' ...' if len(missing) > 5 else ''}")
-    return {name: _fp32_weight(zero / name / "fp32.pt", shape) for name, shape in shapes.items()}
+    weights = {name: _fp32_weight(zero / name / "fp32.pt", p.shape) for name, p in shapes.items()}
+    return {name: weights[stored] for name, stored in names.items()}
 
 
 def _fp32_weight(path: Path, shape: torch.Size) -> torch.Tensor:
