@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from calm_pretrain.parallel.distributed import env_rank, env_world_size, local_rank
 from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
 from data_pipeline.errors import DataError, IncompatibleDataError
 from data_pipeline.files import remove_stale_tmp
@@ -65,15 +65,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
 def dist_rank_world(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
-    r = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-    w = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
+    r = env_rank() if rank is None else int(rank)  # the launcher's (calm_pretrain.parallel.distributed)
+    w = env_world_size() if world_size is None else int(world_size)
     if w < 1 or not 0 <= r < w:
         raise DataError(f"bad rank/world size: rank {r}, world size {w}")
     return r, w

@@ -8,7 +8,7 @@
 #     SIGTERM, and turn the ranks' exit code 75 into 1);
 #   * srun's exit status is the highest of its tasks' statuses, so 75 (saved, requeue me) arrives here;
 #   * ranks come from Slurm: SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID become RANK /
-#     WORLD_SIZE / LOCAL_RANK (calm_pretrain.parallel.engine.init_distributed for training, the task
+#     WORLD_SIZE / LOCAL_RANK (calm_pretrain.parallel.distributed.init_distributed for training, the task
 #     wrapper CALM_RANKS_FROM_SLURM for `calm-data encode`), with MASTER_ADDR / MASTER_PORT exported here.
 #
 # Signal flow: Slurm sends SIGUSR1 to this batch shell (`#SBATCH --signal=B:USR1@120`; SIGTERM on
@@ -69,6 +69,13 @@ _calm_on_signal() {
 trap '_calm_on_signal USR1' USR1
 trap '_calm_on_signal TERM' TERM
 
+# calm_master_port JOB_ID: the job's rendezvous port, stable across requeues. Python's copy, for srun
+# steps that find no MASTER_PORT: calm_pretrain.parallel.distributed.master_port_for_job (keep both alike;
+# tests/test_slurm.py compares them).
+calm_master_port() {
+  echo $(( 15000 + $1 % 15000 ))
+}
+
 # calm_init: the allocation, the processes per node and the rendezvous; environment for every task.
 calm_init() {
   [[ -n ${SLURM_JOB_ID:-} ]] || calm_die "SLURM_JOB_ID is not set: submit this script with sbatch"
@@ -116,7 +123,7 @@ calm_init() {
   # Set here, never inherited: a MASTER_ADDR=localhost from a single-node experiment in the
   # submitting shell would make a multi-node job hang at the rendezvous.
   export MASTER_ADDR=${CALM_MASTER_ADDR:-${CALM_NODES[0]}}
-  export MASTER_PORT=${CALM_MASTER_PORT:-$(( 15000 + SLURM_JOB_ID % 15000 ))}
+  export MASTER_PORT=${CALM_MASTER_PORT:-$(calm_master_port "$SLURM_JOB_ID")}
   calm_int CALM_MASTER_PORT "$MASTER_PORT"
 
   # NCCL: a failed or timed-out collective aborts the communicator and raises in every rank, so the

@@ -10,12 +10,12 @@ import torch
 from calm_pretrain.config import load_config
 from calm_pretrain.models import build_model
 from calm_pretrain.parallel.engine import DeepSpeedEngine, TorchEngine
-from calm_pretrain.parallel.engine_api import Engine, StepResult
+from calm_pretrain.parallel.engine_api import ENGINE_KINDS, Engine, StepResult
 from calm_pretrain.parallel.pipeline import PipelineEngine
 from calm_pretrain.parallel import distributed
 from calm_pretrain.train.trainer import Callback, Trainer, model_loss
 
-MEMBERS = ("module", "device", "step", "save", "load")
+MEMBERS = ("module", "kind", "device", "step", "save", "load")
 
 
 def _cfg(*overrides):
@@ -45,6 +45,7 @@ def test_every_engine_class_implements_the_protocol(cls):
         want = list(inspect.signature(getattr(Engine, name)).parameters)
         assert list(inspect.signature(getattr(cls, name)).parameters)[:len(want)] == want, (cls, name)
     assert "self.module" in inspect.getsource(cls.__init__)
+    assert cls.kind in ENGINE_KINDS and cls.kind == ("torch" if cls is TorchEngine else "deepspeed")  # whose files its checkpoints hold
     assert not hasattr(cls, "train_window") and not hasattr(cls, "owns_schedule") and not hasattr(cls, "backward")
 
 

@@ -4,8 +4,9 @@ resumes to the same losses as a run straight through."""
 import pytest
 import torch
 
-from calm_pretrain.parallel.engine import _universal_copy
+from calm_pretrain.parallel.tensor import split_dim_of
 from calm_pretrain.train.checkpoint import consolidated_state_dict, resolve_checkpoint
+from calm_pretrain.train.safe_load import safe_load
 from tests.helpers.runs import read_log, read_losses, run_train, train_config
 
 
@@ -32,11 +33,17 @@ def test_tensor_parallel_run_matches_the_unsplit_run_and_exports_the_same_weight
     assert sa.keys() == sb.keys()
     for name in sa:
         torch.testing.assert_close(sb[name], sa[name], rtol=1e-3, atol=1e-5)
-    # DeepSpeed's universal conversion, guided by the merge rules the checkpoint carries, joins the TP
-    # slices of every CALM parameter (head, compression, norms replicated) as our own consolidation does.
-    universal = _universal_copy(resolve_checkpoint(split) / "engine", model_cfg, False, False)
+    # Consolidation goes through DeepSpeed's universal conversion, guided by the merge rules the checkpoint
+    # carries: it joins the TP slices of every CALM parameter (head, compression, norms replicated) as the
+    # plan split them. Independently: each TP rank's own module weights (fp32: the master weights), merged
+    # along the plan's split dimensions.
+    engine = resolve_checkpoint(split) / "engine"
+    ranks = [safe_load(engine / f"mp_rank_0{r}_model_states.pt")["module"] for r in (0, 1)]
     for name, weight in sb.items():
-        merged = torch.load(universal / "zero" / name / "fp32.pt", weights_only=False)["param"]
+        dim = split_dim_of(name)
+        merged = ranks[0][name] if dim is None else torch.cat([s[name] for s in ranks], dim=dim)
+        if name == "transformer.embed_tokens.weight":
+            merged = merged[:model_cfg.vocab_size]
         assert torch.equal(merged, weight), name
 
 

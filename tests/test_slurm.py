@@ -220,3 +220,29 @@ def test_encode_two_nodes_is_idempotent(tmp_path):
     assert _sbatch(args, _env(tmp_path), log) == 0
     again = log.read_text()[len(text):]
     assert "rank 0/2 on cpu: 2 shards, 2 already done" in again and "1 shards, 1 already done" in again, again
+
+
+def test_the_rendezvous_port_is_the_same_in_common_sh_and_in_python():
+    from calm_pretrain.parallel.distributed import master_port_for_job
+
+    jobs = [0, 1, 14999, 15000, 123456, 987654321]
+    script = f"source {REPO / 'slurm' / 'common.sh'}; for j in {' '.join(map(str, jobs))}; do calm_master_port $j; done"
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert [int(p) for p in out] == [master_port_for_job(j) for j in jobs]
+    assert len(set(out)) > 1 and all(15000 <= int(p) < 30000 for p in out)
+
+
+def test_an_srun_task_gets_its_rank_from_slurm_and_the_batch_shell_stays_one_process():
+    from calm_pretrain.parallel.distributed import master_port_for_job, rank_env_from_slurm
+
+    task = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+            "MASTER_ADDR": "node7"}
+    rank_env_from_slurm(task)
+    assert (task["RANK"], task["WORLD_SIZE"], task["LOCAL_RANK"]) == ("3", "4", "1")
+    assert task["MASTER_PORT"] == str(master_port_for_job(4242)) and task["MASTER_ADDR"] == "node7"
+    shell = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "4242"}  # no SLURM_STEP_NUM_TASKS
+    rank_env_from_slurm(shell)
+    assert "RANK" not in shell and "MASTER_PORT" not in shell
+    torchrun = {**task, "RANK": "0", "WORLD_SIZE": "2"}  # a launcher's own variables win
+    rank_env_from_slurm(torchrun)
+    assert (torchrun["RANK"], torchrun["WORLD_SIZE"]) == ("0", "2")

@@ -88,7 +88,7 @@ def _compare_models(rank, world_size, out_path):
     import copy
 
     from calm_pretrain.models import build_model
-    from calm_pretrain.parallel.engine import init_distributed
+    from calm_pretrain.parallel.distributed import init_distributed
     from calm_pretrain.parallel.groups import init_model_parallel
     from calm_pretrain.parallel.tensor import (apply_tensor_parallel, gather_tensor_parallel_state_dict,
                                                is_tensor_parallel_module, merge_tensor_parallel_shards,
@@ -215,7 +215,7 @@ def _rank_order(rank, world_size):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from calm_pretrain.parallel.engine import init_distributed
+    from calm_pretrain.parallel.distributed import init_distributed
     from calm_pretrain.parallel.groups import (MEGATRON_ORDER, check_groups_match_deepspeed, deepspeed_topology,
                                                destroy_model_parallel, init_model_parallel)
 
@@ -264,7 +264,8 @@ def _train(rank, world_size, arch, tp, out_path):
     import torch.distributed as dist
 
     from calm_pretrain.models import build_model
-    from calm_pretrain.parallel.engine import DeepSpeedEngine, TorchEngine, init_distributed
+    from calm_pretrain.parallel.distributed import init_distributed
+    from calm_pretrain.parallel.engine import DeepSpeedEngine, TorchEngine
     from calm_pretrain.parallel.groups import DeepSpeedMPU, ParallelCoords, init_model_parallel, tensor_parallel_seed
     from calm_pretrain.parallel.tensor import (apply_tensor_parallel, gather_tensor_parallel_state_dict,
                                                is_tensor_parallel_module, merge_tensor_parallel_shards)

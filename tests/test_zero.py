@@ -36,7 +36,8 @@ def _global_batches():
 
 def _train(rank, world_size, zero_stage, accum, out_path):
     from calm_pretrain.models import build_model
-    from calm_pretrain.parallel.engine import DeepSpeedEngine, build_model_sharded, init_distributed
+    from calm_pretrain.parallel.distributed import init_distributed
+    from calm_pretrain.parallel.engine import DeepSpeedEngine, build_model_sharded
     from calm_pretrain.parallel.plan import mark_zero3_leaves
     from calm_pretrain.train.trainer import Trainer
 

@@ -65,7 +65,8 @@ def _rank(rank, world, port, config, overrides, out):
     torch.set_num_threads(1)
     from calm_pretrain.config import load_config
     from calm_pretrain.models import build_model, spec_of
-    from calm_pretrain.parallel.engine import DeepSpeedEngine, build_model_sharded, init_distributed
+    from calm_pretrain.parallel.distributed import init_distributed
+    from calm_pretrain.parallel.engine import DeepSpeedEngine, build_model_sharded
     from calm_pretrain.parallel.plan import mark_zero3_leaves
     from calm_pretrain.train.trainer import model_loss
 

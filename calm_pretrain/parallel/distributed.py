@@ -1,13 +1,93 @@
-"""Collectives that also work in a single process (no process group: they return their input)."""
+"""A process's place in a run, and collectives that also work in a single process.
+
+The launcher's environment is read here and nowhere else in Python: torchrun sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; srun (slurm/common.sh: one task per GPU, no torchrun) sets
+SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, which `rank_env_from_slurm` turns into the same
+variables. `launched()`, `env_rank()`, `env_world_size()` and `local_rank()` answer from them before any
+process group exists (the engine choice, the device, `calm-data encode`'s share); `init_distributed` joins
+the group they describe. Without a process group the collectives return their input.
+"""
 from __future__ import annotations
 
 import gc
+import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 
+# ---- the launcher's environment --------------------------------------------------------------
+def master_port_for_job(job_id: int) -> int:
+    """The rendezvous port of Slurm job `job_id`, stable across requeues. The same formula as
+    slurm/common.sh's `calm_master_port` (which exports MASTER_PORT for sbatch jobs): change both together
+    (tests/test_slurm.py compares them)."""
+    return 15000 + int(job_id) % 15000
+
+
+def rank_env_from_slurm(env=None) -> None:
+    """Launched by `srun` (one task per GPU, no torchrun): RANK, WORLD_SIZE, LOCAL_RANK from the task's
+    SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; MASTER_ADDR, unless exported (slurm/common.sh
+    does), is the step's first host. SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: srun sets it for its tasks
+    only, while the batch shell's SLURM_NTASKS/SLURM_PROCID describe the allocation, and a plain run
+    there must stay one process instead of waiting for ranks that never start."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
+        return
+    if "MASTER_ADDR" not in env:
+        import subprocess
+
+        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
+                                            capture_output=True, text=True).stdout.split()[0]
+    env.setdefault("MASTER_PORT", str(master_port_for_job(env.get("SLURM_JOB_ID", "0"))))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
+               LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, or srun once `rank_env_from_slurm` ran) started this process as a rank."""
+    return "RANK" in os.environ
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    """This process's index on its node (its GPU): LOCAL_RANK, 0 without a launcher."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """Join the process group torchrun/srun describes (gloo on CPU, nccl on GPU); (rank, world_size)."""
+    rank_env_from_slurm()
+    if not launched():
+        return 0, 1
+    import datetime
+
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Its shared-memory all-reduce op would be JIT-compiled (~90 s); gloo does the same job here.
+        # (Patched through sys.modules: the module object differs from what a plain import returns.)
+        import deepspeed.comm.torch  # noqa: F401
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    else:
+        torch.cuda.set_device(local_rank())
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size()
+
+
+# ---- collectives -----------------------------------------------------------------------------
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -55,6 +54,8 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 class TorchEngine:
+    kind = "torch"
+
     def __init__(self, model: nn.Module, cfg: RunConfig):
         self.module, self.cfg = model, cfg
         self.optimizer = build_optimizer(model, cfg)
@@ -123,49 +124,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
     }
 
 
-def _rank_env_from_slurm() -> None:
-    """Launched by `srun` (one task per GPU, no torchrun): RANK, WORLD_SIZE, LOCAL_RANK from the task's
-    SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; MASTER_ADDR, unless exported (slurm/common.sh
-    does), is the step's first host. SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: srun sets it for its tasks
-    only, while the batch shell's SLURM_NTASKS/SLURM_PROCID describe the allocation, and a plain run
-    there must stay one process instead of waiting for ranks that never start."""
-    env = os.environ
-    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
-        return
-    if "MASTER_ADDR" not in env:
-        import subprocess
-
-        nodes = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
-        env["MASTER_ADDR"] = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
-                                            capture_output=True, text=True).stdout.split()[0]
-    env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 15000))  # as slurm/common.sh
-    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
-               LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-
-
-def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
-    """Join the process group torchrun/srun describes (gloo on CPU, nccl on GPU); (rank, world_size)."""
-    _rank_env_from_slurm()
-    if "RANK" not in os.environ:
-        return 0, 1
-    import datetime
-
-    import deepspeed
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Its shared-memory all-reduce op would be JIT-compiled (~90 s); gloo does the same job here.
-        # (Patched through sys.modules: the module object differs from what a plain import returns.)
-        import deepspeed.comm.torch  # noqa: F401
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
 def build_model_sharded(cfg: RunConfig, build: Callable[[], nn.Module], world_size: int) -> nn.Module:
     """Build the model so that under ZeRO-3 no rank ever holds all of it.
 
@@ -197,6 +155,8 @@ def gathered_for_writing(params):
 
 
 class DeepSpeedEngine:
+    kind = "deepspeed"
+
     def __init__(self, model: nn.Module, cfg: RunConfig, world_size: Optional[int] = None, mpu=None):
         """`mpu`: the model-parallel groups (``groups.DeepSpeedMPU()`` under tensor parallelism): DeepSpeed
         then reduces gradients over the data-parallel group only, broadcasts initial weights within it,
@@ -305,25 +265,13 @@ def _load(engine, path: Path, universal: bool = False) -> None:
 
 def _universal_copy(path: Path, model_config, from_pipeline: bool, to_pipeline: bool) -> Path:
     """`path` converted (on rank 0, once per target naming) to the universal format, beside it."""
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
     from calm_pretrain.parallel.distributed import barrier, rank
-    from calm_pretrain.parallel.pipeline_layout import pipeline_parameter_names
+    from calm_pretrain.parallel.universal import to_universal
 
     out = path.with_name(path.name + ("_universal_pipeline" if to_pipeline else "_universal"))
     if rank() == 0 and not (out / "zero").is_dir():
         tmp = path.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        ds_to_universal.main(argparse.Namespace(
-            input_folder=str(path), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-            keep_temp_folder=False, strict=True, inject_missing_state=True))
-        if from_pipeline != to_pipeline:
-            to_pipe = pipeline_parameter_names(model_config)
-            rename = {v: k for k, v in to_pipe.items()} if from_pipeline else to_pipe
-            for old, new in rename.items():
-                os.rename(tmp / "zero" / old, tmp / "zero" / new)
-        os.replace(tmp, out)
+        os.replace(to_universal(path, tmp, model_config, from_pipeline, to_pipeline), out)
     barrier()
     return out

@@ -9,7 +9,9 @@ An engine (:class:`calm_pretrain.parallel.engine.TorchEngine`, ``DeepSpeedEngine
                ``train.grad_accum_steps`` micro-batches from ``batches``, forward, backward, clip and
                update, or drop the window without touching weights or optimizer state when the global
                gradient norm is not finite (``applied`` False, on every rank alike);
-  ``save(path)`` / ``load(path, saved_layout)``  its share of a checkpoint.
+  ``save(path)`` / ``load(path, saved_layout)``  its share of a checkpoint;
+  ``kind``     whose files ``save`` writes (``"torch"``: engine.pt; ``"deepspeed"``: DeepSpeed's own),
+               recorded in every checkpoint: resume and consolidation read the record.
 
 ``loss_fn(forward, batch) -> (loss, extras)`` is the architecture's loss on one device batch
 (``forward`` is the engine's forward). A pipeline ignores it: its last stage computes the loss.
@@ -24,6 +26,7 @@ from typing import Callable, Iterator, Protocol, Union, runtime_checkable
 import torch
 from torch import nn
 
+ENGINE_KINDS = ("torch", "deepspeed")
 LossFn = Callable[[Callable, dict], "tuple[torch.Tensor, dict]"]
 
 
@@ -43,6 +46,7 @@ class StepResult:
 @runtime_checkable
 class Engine(Protocol):
     module: nn.Module
+    kind: str  # "torch" or "deepspeed": whose files save() writes; a checkpoint records it (ENGINE_KINDS)
 
     @property
     def device(self) -> torch.device: ...

@@ -80,7 +80,7 @@ def current_coords() -> ParallelCoords:
 
 def init_model_parallel(tp: int, pp: int = 1, timeout_minutes: float = 30.0) -> ParallelCoords:
     """Create megatron-core's groups for TP=tp × PP=pp (data parallel = the rest) on the default
-    process group (already initialised: ``engine.init_distributed``), check them against DeepSpeed's
+    process group (already initialised: ``distributed.init_distributed``), check them against DeepSpeed's
     topology and return this rank's coordinates. Calling it again with the same sizes is a no-op."""
     from calm_pretrain.parallel import mcore_shim
 

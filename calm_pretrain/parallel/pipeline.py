@@ -25,6 +25,8 @@ from calm_pretrain.parallel.pipeline_layout import pipeline_batch, pipeline_laye
 class PipelineEngine:
     """The engine interface for a pipeline: ``step`` runs a whole accumulation window (1F1B)."""
 
+    kind = "deepspeed"
+
     def __init__(self, model: nn.Module, cfg: RunConfig, topology, world_size: int):
         import deepspeed
         from deepspeed.pipe import PipelineModule

@@ -6,7 +6,8 @@ Layout of a run directory's ``checkpoints/``::
       engine/                 the engine's files (DeepSpeed: every rank's model/optimizer partition)
       rng/rank_00000.pt ...   every rank's RNG states (torch, CUDA, numpy, python)
       trainer_state.json      step, consumed samples, loader state, data fingerprint, model signature,
-                              the resolved config
+                              the resolved config, the world size and the engine that wrote engine/
+                              ("torch" or "deepspeed"; with config and world size, the saved layout)
       manifest.json           size and SHA-256 of every file above; written last
     latest                    the name of the newest complete checkpoint (replaced atomically)
 
@@ -39,8 +40,10 @@ import numpy as np
 import torch
 
 from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
+from calm_pretrain.parallel.engine_api import ENGINE_KINDS
+from calm_pretrain.parallel.groups import ParallelLayout
 from calm_pretrain.train.errors import CheckpointError
-from calm_pretrain.train.safe_load import deepspeed_loads_safely, safe_load
+from calm_pretrain.train.safe_load import safe_load
 from data_pipeline.files import atomic_write_bytes, fsync_dir, sha256_file
 
 CHECKPOINT_VERSION = 1
@@ -100,6 +103,24 @@ def read_trainer_state(path: Path) -> dict:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
+def engine_kind(path: Path, state: dict) -> str:
+    """Which engine wrote the checkpoint at `path` ("torch" or "deepspeed"), as its trainer state
+    `state` records it."""
+    kind = state.get("engine")
+    if kind is None:
+        return _legacy_engine_kind(path)
+    if kind not in ENGINE_KINDS:
+        raise CheckpointError(f"{path / TRAINER_STATE}: unknown engine {kind!r} (expected one of {ENGINE_KINDS})")
+    return kind
+
+
+def _legacy_engine_kind(path: Path) -> str:
+    """For checkpoints saved before trainer_state.json recorded its engine (no "engine" field), inferred
+    once, here: the plain-PyTorch engine is the one that writes engine/engine.pt. Nothing else decides
+    anything from a checkpoint's file names."""
+    return "torch" if (path / "engine" / "engine.pt").is_file() else "deepspeed"
+
+
 class Checkpointer:
     """Saves and finds checkpoints under ``root``; every rank calls every method (collectives inside)."""
 
@@ -128,7 +149,8 @@ class Checkpointer:
         engine.save(partial / "engine")
         torch.save(rng_state(), partial / "rng" / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
-            state = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size, **trainer_state}
+            state = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size,
+                     "engine": engine.kind, **trainer_state}
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
         barrier()
         # Every rank checksums a share of the files (each file once), rank 0 writes the manifest.
@@ -270,41 +292,40 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def consolidated_state_dict(path: Path) -> tuple[dict, "object"]:
     """(full fp32 state dict {parameter name: tensor}, model config) of a training checkpoint, whatever
-    engine or ZeRO stage wrote it; runs in one process without the training world."""
+    engine, ZeRO stage or layout wrote it; runs in one process without the training world."""
     from calm_pretrain.config import model_config_from_dict
 
     path = resolve_checkpoint(path)
     problem = verify_checkpoint(path)
     if problem:
         raise CheckpointError(f"checkpoint {path} is damaged ({problem})")
-    config = model_config_from_dict(read_trainer_state(path)["config"]["model"])
-    with deepspeed_loads_safely():  # DeepSpeed's zero_to_fp32 calls torch.load itself
-        state = _engine_state_dict(path, config)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config
+    state = read_trainer_state(path)
+    config = model_config_from_dict(state["config"]["model"])
+    weights = _engine_state_dict(path, config, state)
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, config
 
 
-def _engine_state_dict(path: Path, config) -> dict:
-    engine = path / "engine"
-    if (engine / "engine.pt").is_file():  # TorchEngine
-        return safe_load(engine / "engine.pt")["model"]
-    if any(engine.glob("layer_00-*model_states.pt")):  # pipeline: one file per layer (and TP rank)
-        from calm_pretrain.parallel.pipeline_layout import pipeline_state_dict
+def _engine_state_dict(path: Path, config, state: dict) -> dict:
+    """The weights in `path`/engine, read as the engine the checkpoint records wrote them."""
+    plain = path / "engine" / "engine.pt"
+    if engine_kind(path, state) == "torch":
+        if not plain.is_file():
+            raise CheckpointError(f"{plain}: missing; {path / TRAINER_STATE} says a plain-PyTorch engine wrote "
+                                  f"this checkpoint, and engine.pt holds its weights")
+        return safe_load(plain)["model"]
+    if plain.is_file():
+        raise CheckpointError(f"{plain}: a plain-PyTorch engine's file, but {path / TRAINER_STATE} says DeepSpeed "
+                              f"wrote this checkpoint: the checkpoint contradicts itself, refusing to guess")
+    from calm_pretrain.parallel.universal import deepspeed_state_dict
 
-        return pipeline_state_dict(engine, config)
-    if (engine / "mp_rank_01_model_states.pt").is_file():  # tensor parallel: merge the ranks' shards
-        from calm_pretrain.parallel.tensor import merge_tensor_parallel_shards
-
-        shards = [safe_load(f)["module"] for f in sorted(engine.glob("mp_rank_*_model_states.pt"))]
-        return merge_tensor_parallel_shards(shards, config.vocab_size)
-    # DeepSpeed: merges ZeRO partitions (any stage) into full fp32 tensors. It prints its progress
-    # ("Detected checkpoint of type zero stage ...", "Reconstructed fp32 state dict ..."), which a user
-    # reading `calm-pretrain eval` output has no use for: kept, and shown only if the merge fails.
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    saved = ParallelLayout.of_run(state["config"].get("parallel", {}), state["world_size"])
+    # DeepSpeed's universal conversion prints its progress ("Converting DeepSpeed checkpoint ...",
+    # "*** 1. Extracting ZeRO fragments", progress bars), which a user reading `calm-pretrain eval` or
+    # `export` output has no use for: kept, and shown only if the conversion fails.
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
+            return deepspeed_state_dict(path / "engine", config, pipeline=saved.pipeline > 1)
     except Exception:
         sys.stderr.write(chatter.getvalue())
         raise

@@ -46,7 +46,9 @@ class WorkerSession:
 
     def __init__(self, stop, log: Callable[[str], None] = print):
         self.dir = Path(os.environ[LAUNCH_DIR_ENV]) if os.environ.get(LAUNCH_DIR_ENV) else None
-        self.rank = os.environ.get("RANK", "0")
+        from calm_pretrain.parallel.distributed import env_rank  # the worker side: torch is loaded already
+
+        self.rank = str(env_rank())
         self._done = threading.Event()
         if self.dir is not None:
             (self.dir / f"rank_{self.rank}.pid").write_text(str(os.getpid()))

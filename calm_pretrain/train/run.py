@@ -19,9 +19,8 @@ from calm_pretrain.config import ConfigError, RunConfig, dump_config
 from calm_pretrain.models import build_model, spec_of
 from calm_pretrain.models.calm import CALMConfig
 from calm_pretrain.models.registry import training_flops_per_token
-from calm_pretrain.parallel.distributed import all_gather_object, shutdown
-from calm_pretrain.parallel.engine import (DeepSpeedEngine, TorchEngine, build_model_sharded, gathered_for_writing,
-                                           init_distributed)
+from calm_pretrain.parallel.distributed import all_gather_object, init_distributed, launched, local_rank, shutdown
+from calm_pretrain.parallel.engine import DeepSpeedEngine, TorchEngine, build_model_sharded, gathered_for_writing
 from calm_pretrain.parallel.groups import (ParallelCoords, ParallelLayout, deepspeed_topology, init_model_parallel,
                                            tensor_parallel_seed)
 from calm_pretrain.parallel.plan import apply_activation_checkpointing, apply_compile, mark_zero3_leaves
@@ -37,7 +36,7 @@ from calm_pretrain.train.trainer import Trainer
 
 def _device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 
@@ -273,10 +272,10 @@ def _callbacks(cfg: RunConfig, out: Path, rank: int, ae, pipelined: bool, say) -
 
 def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup: contextlib.ExitStack) -> int:
     rank, world_size = init_distributed(cfg.train.dist_timeout_minutes)
-    use_deepspeed = cfg.train.engine == "deepspeed" or (cfg.train.engine == "auto" and "RANK" in os.environ)
+    use_deepspeed = cfg.train.engine == "deepspeed" or (cfg.train.engine == "auto" and launched())
     if world_size > 1 and not use_deepspeed:
         raise ConfigError("train.engine=torch runs in one process only; launch without torchrun or use deepspeed")
-    if use_deepspeed and "RANK" not in os.environ:  # DeepSpeed would look for MPI (mpi4py) to find its ranks
+    if use_deepspeed and not launched():  # DeepSpeed would look for MPI (mpi4py) to find its ranks
         raise ConfigError("train.engine=deepspeed needs ranks from a launcher: run it under torchrun "
                           "(calm-pretrain launch --standalone --nproc-per-node N -- train ...) or srun")
     device = _device()
@@ -290,7 +289,7 @@ def _run(cfg: RunConfig, stop: StopRequest, log: Callable[[str], None], cleanup:
 
     # One line per rank: who it is, where it runs, and which groups it belongs to.
     line = (f"rank {rank}/{world_size} host {socket.gethostname()} pid {os.getpid()} device {device} "
-            f"local_rank {os.environ.get('LOCAL_RANK', 0)} {coords.describe()}")
+            f"local_rank {local_rank()} {coords.describe()}")
     ranks = all_gather_object(line)
     for each in ranks:  # printed once, by rank 0, in rank order
         say(each)

@@ -9,7 +9,7 @@ checkpoints of ZeRO 0-3, tensor and pipeline parallelism and DeepSpeed's univers
 else is refused, never called, with an error naming the file and the refused global.
 
 DeepSpeed calls ``torch.load(..., weights_only=False)`` itself (``engine.load_checkpoint``,
-``zero_to_fp32``, ``ds_to_universal``, the universal loader); ``deepspeed_loads_safely()`` routes
+``ds_to_universal``, the universal loader); ``deepspeed_loads_safely()`` routes
 those calls through :func:`safe_load` while it runs. DeepSpeed looks ``torch.load`` up on the module
 at every call, so replacing the attribute reaches all of them; the conversion to the universal format
 runs in this process (one extract and merge worker), so the replacement covers it too.

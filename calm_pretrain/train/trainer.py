@@ -24,7 +24,7 @@ from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
 from calm_pretrain.parallel.engine_api import Engine, StepResult
 from calm_pretrain.parallel.groups import ParallelLayout
-from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, read_trainer_state
+from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, engine_kind, read_trainer_state
 from calm_pretrain.train.divergence import DivergenceMonitor, TrainingDiverged
 from calm_pretrain.train.schedule import lr_for
 from calm_pretrain.train.signals import StopRequest
@@ -383,8 +383,8 @@ class Trainer:
     def _check_engine_kind(self, path: Path, state: dict) -> None:
         """A plain-PyTorch checkpoint (engine.pt) and a DeepSpeed one are not interchangeable: say what to
         launch instead of failing inside the engine's loader."""
-        plain_checkpoint = (path / "engine" / "engine.pt").is_file()
-        plain_run = isinstance(self.engine, TorchEngine)
+        plain_checkpoint = engine_kind(path, state) == "torch"  # the checkpoint's record
+        plain_run = self.engine.kind == "torch"
         if plain_checkpoint and not plain_run:
             raise CheckpointError(
                 f"{path}: written by one plain-PyTorch process (engine/engine.pt), but this run uses DeepSpeed "
