@@ -98,3 +98,24 @@ def test_a_malformed_length_entry_is_an_error(tmp_path):
     (tmp_path / "allow.txt").write_text("file calm_pretrain/x.py\n")
     with pytest.raises(SystemExit, match="expected `file NAME LINES`"):
         check_structure.main(["--root", str(root), "--allowlist", str(tmp_path / "allow.txt")])
+
+
+def test_a_package_circle_is_found_though_the_modules_form_none(tmp_path):
+    """train.a -> eval.b and eval.c -> train.d: no module circle, one between the packages; the io
+    module data_pipeline.files is a node of its own, so importing it from both sides is no circle."""
+    root = _tree(tmp_path, {
+        "calm_pretrain/__init__.py": "",
+        "calm_pretrain/train/__init__.py": "",
+        "calm_pretrain/train/a.py": "import calm_pretrain.eval.b\nimport data_pipeline.files\n",
+        "calm_pretrain/train/d.py": "",
+        "calm_pretrain/eval/__init__.py": "",
+        "calm_pretrain/eval/b.py": "",
+        "calm_pretrain/eval/c.py": "from calm_pretrain.train import d\n",
+        "data_pipeline/__init__.py": "",
+        "data_pipeline/files.py": "",
+        "data_pipeline/loader.py": "from calm_pretrain.train import d\nfrom data_pipeline import files\n",
+    })
+    assert check_structure.check_cycles(root) == []
+    found = check_structure.check_package_cycles(root)
+    assert _keys(found) == {"package calm_pretrain.eval calm_pretrain.train"}, [v.detail for v in found]
+    assert "calm_pretrain/eval/c.py:1 imports calm_pretrain.train.d" in found[0].detail

@@ -6,6 +6,11 @@
             only defers the failure to run time), except under `if TYPE_CHECKING:`. An import names
             one module: `from a.b import c` is an edge to a.b.c when that is a module, else to a.b;
             the parent packages a module's import also loads are not edges of their own.
+  package   no import circle between packages (reported, allow-listed like the rest): a node is a
+            first-level subpackage of calm_pretrain (calm_pretrain.train, calm_pretrain.models with
+            its architectures, ...), a top-level module of calm_pretrain (calm_pretrain.config), the
+            io module data_pipeline.files, or the rest of data_pipeline; an edge is any module import
+            between two nodes. `package calm_pretrain.a calm_pretrain.b ...` lists one circle's nodes.
   private   no import of a `_private` name from another module, and no import of a `_private`
             module from outside its package (by calm_pretrain, data_pipeline and tools).
   file      no file in calm_pretrain/, data_pipeline/, tools/ over MAX_FILE_LINES lines.
@@ -224,6 +229,39 @@ def check_cycles(root: Path) -> list[Violation]:
     return out
 
 
+IO_MODULE = "data_pipeline.files"
+
+
+def package_of(module: str) -> str:
+    """The node of `module` in the package graph (see the docstring's `package`)."""
+    if module == IO_MODULE:
+        return module
+    parts = module.split(".")
+    return parts[0] if parts[0] == "data_pipeline" else ".".join(parts[:2])
+
+
+def check_package_cycles(root: Path) -> list[Violation]:
+    files, imports = import_graph(root)
+    graph: dict[str, set[str]] = {}
+    example: dict[tuple[str, str], str] = {}
+    for m in files:
+        a = package_of(m)
+        graph.setdefault(a, set())
+        for i in imports[m]:
+            b = package_of(i.module)
+            if a != b:
+                graph[a].add(b)
+                graph.setdefault(b, set())
+                example.setdefault((a, b), f"{files[m].relative_to(root)}:{i.line} imports {i.module}")
+    out = []
+    for comp in _components(graph):
+        circle = _a_circle(graph, comp)
+        where = "; ".join(example[a, b] for a, b in zip(circle, circle[1:]))
+        out.append(Violation("package " + " ".join(comp), None,
+                             f"package circle {' -> '.join(circle)} ({where}); its component: {', '.join(comp)}"))
+    return out
+
+
 def _private(part: str) -> bool:
     return part.startswith("_") and not part.startswith("__")
 
@@ -344,7 +382,8 @@ def check_dispatch(root: Path) -> list[Violation]:
 
 
 def find_violations(root: Path) -> list[Violation]:
-    return check_cycles(root) + check_private(root) + check_sizes(root) + check_dispatch(root)
+    return (check_cycles(root) + check_package_cycles(root) + check_private(root) + check_sizes(root)
+            + check_dispatch(root))
 
 
 # --------------------------------------------------------------------------------------------
