@@ -43,7 +43,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from calm_pretrain.train.run import run_training
+    from calm_pretrain.train_command import run_training
 
     overrides = list(args.overrides)
     if args.exit_after_minutes is not None:
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
-        from calm_pretrain.release.layout import ReleaseWarning
+        from calm_pretrain.models.release_layout import ReleaseWarning
 
         warnings.simplefilter("always", ReleaseWarning)  # each one is about a different file or step
         warnings.showwarning = _show_warning

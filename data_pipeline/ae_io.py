@@ -94,7 +94,7 @@ def _check_fingerprint(d: Path, values: dict) -> None:
     import warnings
 
     from calm_pretrain.release.fingerprint import UNVERIFIED, describe_mismatch, mismatches
-    from calm_pretrain.release.layout import ReleaseWarning
+    from calm_pretrain.models.release_layout import ReleaseWarning
 
     problems = mismatches(d, values, None, [WEIGHTS_NAME])
     if problems is None:
@@ -112,7 +112,7 @@ def _is_reference_config(cfg_path: Path) -> bool:
 
 
 def _load_release(d: Path, device):
-    from calm_pretrain.release.layout import ReleaseError
+    from calm_pretrain.models.release_layout import ReleaseError
     from calm_pretrain.release.load import import_release
 
     try:

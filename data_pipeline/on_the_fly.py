@@ -6,7 +6,7 @@ stored or on the fly'). The price is the AE encoder's forward pass in every step
 ``torch.no_grad``, on the engine's device, in bf16 autocast on CUDA exactly as ``calm-data encode``
 runs it (:func:`data_pipeline.encode.encode_posterior`), and kept in float32 (no storage rounding).
 
-:class:`OnTheFlyLatents` is the batch transform the run builds (calm_pretrain/train/run.py) and the
+:class:`OnTheFlyLatents` is the batch transform the run builds (calm_pretrain/train_command.py) and the
 trainer applies to every loader micro-batch before the architecture's loss: ``ids`` in, the same batch
 with ``mu`` and ``log_sigma`` [b, L, d] out, the shapes latent shards would give. The AE stays outside
 the trained model: it has no gradients, is in no optimizer and in no checkpoint. Its fingerprint goes

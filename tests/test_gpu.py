@@ -65,7 +65,7 @@ def test_calm_hidden_states_and_head_samples_on_the_gpu():
 
 
 def test_the_trainer_runs_bf16_on_the_gpu(tmp_path):
-    from calm_pretrain.train.run import run_training
+    from calm_pretrain.train_command import run_training
     from tests.helpers.data import write_latent_dataset
 
     rng = np.random.default_rng(0)

@@ -178,7 +178,7 @@ def _plant(checkpoint: Path, rel: str, marker: Path) -> Path:
     attacker's file passes the checksums)."""
     import torch
 
-    from calm_pretrain.train.safe_load import safe_load
+    from calm_pretrain.safe_load import safe_load
     from data_pipeline.files import sha256_file
 
     target = checkpoint / rel

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from calm_pretrain.config import ConfigError, load_config
-from calm_pretrain.train.run import run_training
+from calm_pretrain.train_command import run_training
 
 TINY = ["model.arch=calm", "model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=64",
         "model.pad_token_id=0", "model.eos_token_id=2", "model.bos_token_id=1", "model.k=4", "model.latent_dim=8",

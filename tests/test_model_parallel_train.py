@@ -6,7 +6,7 @@ import torch
 
 from calm_pretrain.parallel.tensor import split_dim_of
 from calm_pretrain.train.checkpoint import consolidated_state_dict, resolve_checkpoint
-from calm_pretrain.train.safe_load import safe_load
+from calm_pretrain.safe_load import safe_load
 from tests.helpers.runs import read_log, read_losses, run_train, train_config
 
 

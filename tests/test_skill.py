@@ -1,11 +1,11 @@
-"""Energy skill (calm_pretrain.eval.skill) against closed forms, brute force and replication."""
+"""Energy skill (calm_pretrain.skill) against closed forms, brute force and replication."""
 import math
 
 import pytest
 import torch
 
 from calm_pretrain.brier import _totals, brier_lm
-from calm_pretrain.eval.skill import (energy_scores, marginal_draws, posterior_draws, skill_summary)
+from calm_pretrain.skill import (energy_scores, marginal_draws, posterior_draws, skill_summary)
 
 
 def brute_force_energy_score(x, y):
@@ -109,7 +109,7 @@ def test_calm_skill_on_a_real_model_against_the_broadcast_formula():
     decode, with the mse head (deterministic samples: its prediction) and a replay of the same draws."""
     from calm_pretrain.models.autoencoder import AutoencoderConfig
     from calm_pretrain.models.calm import CALMConfig, HeadConfig
-    from calm_pretrain.eval.skill import calm_skill
+    from calm_pretrain.skill import calm_skill
     from calm_pretrain.losses import energy_loss_direct
     from calm_pretrain.models import build_model
 

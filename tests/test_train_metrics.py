@@ -6,7 +6,7 @@ import pytest
 
 from calm_pretrain.config import load_config
 from calm_pretrain.train.checkpoint import trained_model
-from calm_pretrain.train.run import held_out_blocks, run_training
+from calm_pretrain.train_command import held_out_blocks, run_training
 from tests.helpers.brier import brierlm_of, exact_lm_brier_1, reconstruction_accuracy
 
 TINY = ["model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=64", "model.pad_token_id=0",

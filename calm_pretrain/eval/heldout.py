@@ -1,6 +1,6 @@
 """The one held-out evaluation of a trained model, used by the trainer's periodic eval, the sweep's
 eval stage, the main job and `calm-pretrain eval`: the scores its architecture's spec names
-(calm_pretrain/eval/scores.py), from one seed.
+(calm_pretrain/scores.py), from one seed.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 parts (layers, the decoder backbone and its pipeline stages) and the registry that maps a config to its
 architecture's spec. Nothing here knows of parallelism, training loops or workflows: the packages import
 only each other, the numerics (losses, brier, eval.scores, flops), the config schema and, for their
-release adapters, the leaf module calm_pretrain/release/layout.py.
+release adapters, the leaf module calm_pretrain/models/release_layout.py.
 """
 from calm_pretrain.models.registry import (architectures, build_model, count_config_parameters, count_parameters,
                                            spec_of)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calm_pretrain.release.layout import TRANSFORMERS_VERSION, ReleaseError, check_constants, mapped
+from calm_pretrain.models.release_layout import TRANSFORMERS_VERSION, ReleaseError, check_constants, mapped
 
 BACKBONE_FIELDS = [
     ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),

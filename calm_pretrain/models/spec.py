@@ -28,7 +28,7 @@ class ModelSpec:
     checkpoint_blocks: tuple = ()    # module classes whose activations are recomputed in backward
     zero3_leaves: tuple = ()         # module classes ZeRO-3 must gather whole (they read a child's weights)
     compile_blocks: Optional[tuple] = None  # module classes train.compile compiles one by one (None: checkpoint_blocks)
-    release: Any = None              # its release adapter (a calm_pretrain.release.layout.ReleaseAdapter), or None
+    release: Any = None              # its release adapter (a calm_pretrain.models.release_layout.ReleaseAdapter), or None
     label: str = ""                  # short display name in plots and sweep groups ("CALM"); "": the arch
 
     @property

@@ -87,7 +87,7 @@ class TorchEngine:
         if not (path / "engine.pt").is_file():
             raise FileNotFoundError(f"{path}: no engine.pt; this checkpoint was written by DeepSpeed ({saved_layout}): "
                                     "resume it under torchrun or with train.engine=deepspeed")
-        from calm_pretrain.train.safe_load import safe_load
+        from calm_pretrain.safe_load import safe_load
 
         state = safe_load(path / "engine.pt")
         self.module.load_state_dict(state["model"])
@@ -243,8 +243,8 @@ def load_deepspeed_checkpoint(engine, path: Path, saved: ParallelLayout, now: Pa
     model recorded), which each rank of the new layout slices again. Parameter names follow the engine:
     a pipeline's are ``<layer index>.<name in the layer>``, so a change between a pipeline and none
     renames them on the way. DeepSpeed's own torch.load calls go through the checkpoint allow-list
-    (calm_pretrain.train.safe_load): no file is unpickled with arbitrary globals."""
-    from calm_pretrain.train.safe_load import deepspeed_loads_safely
+    (calm_pretrain.safe_load): no file is unpickled with arbitrary globals."""
+    from calm_pretrain.safe_load import deepspeed_loads_safely
 
     with deepspeed_loads_safely():
         if saved == now:

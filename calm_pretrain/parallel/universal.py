@@ -28,7 +28,7 @@ import torch
 
 from calm_pretrain.models import build_model
 from calm_pretrain.parallel.pipeline_layout import pipeline_parameter_names
-from calm_pretrain.train.safe_load import deepspeed_loads_safely, safe_load
+from calm_pretrain.safe_load import deepspeed_loads_safely, safe_load
 
 
 def to_universal(engine_dir: Path, out: Path, model_config, from_pipeline: bool, to_pipeline: bool) -> Path:

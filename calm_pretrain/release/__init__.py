@@ -27,16 +27,15 @@ alias ``generative_head.*`` of the head and, optionally, the frozen AE under ``a
 Transformer baseline maps ``transformer.*`` → ``model.*`` (HF ``LlamaForCausalLM``); ``lm_head.weight``
 keeps its name. The code here finds the adapter and does the rest, for every architecture alike.
 
-Modules: ``layout`` (file names, constants, errors, the adapters' base: a leaf, which the adapters
-import), ``adapters`` (finding an adapter, the generic config.json part), ``names`` (parameter names,
+Modules: ``calm_pretrain/models/release_layout.py`` (file names, constants, errors, the adapters'
+base: a leaf beside the adapters, which import it; its names are re-exported here), ``adapters`` (finding an adapter, the generic config.json part), ``names`` (parameter names,
 tensor checks), ``files`` (reading), ``directory`` (atomic writes), ``export``, ``load`` (import,
-release-info). The package imports its modules when a name is first asked for, so that importing
-``layout`` (as the model packages do) loads nothing else.
+release-info). The package imports its modules when a name is first asked for.
 """
 import importlib
 
 _EXPORTS = {
-    "layout": ("BIN_INDEX", "BIN_WEIGHTS", "CONFIG_NAME", "GENERATION_CONFIG", "SAFE_INDEX", "SAFE_WEIGHTS",
+    "calm_pretrain.models.release_layout": ("BIN_INDEX", "BIN_WEIGHTS", "CONFIG_NAME", "GENERATION_CONFIG", "SAFE_INDEX", "SAFE_WEIGHTS",
                "SIDECAR_NAME", "SIDECAR_VERSION", "TRANSFORMERS_VERSION", "ReleaseAdapter", "ReleaseError",
                "ReleaseWarning"),
     "adapters": ("architecture_of", "model_config_from_release", "release_adapters", "release_config"),
@@ -51,7 +50,8 @@ __all__ = sorted(_MODULE_OF)
 
 def __getattr__(name: str):
     if name in _MODULE_OF:
-        value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+        module = _MODULE_OF[name]
+        value = getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
     else:
         try:
             value = importlib.import_module(f"{__name__}.{name}")  # a submodule: calm_pretrain.release.files

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from calm_pretrain.release.layout import (HF_BOOKKEEPING, SIDECAR_NAME, TRANSFORMERS_VERSION, ReleaseAdapter,
+from calm_pretrain.models.release_layout import (HF_BOOKKEEPING, SIDECAR_NAME, TRANSFORMERS_VERSION, ReleaseAdapter,
                                           ReleaseError, dtype_name)
 
 

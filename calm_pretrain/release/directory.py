@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from calm_pretrain.release.layout import CONFIG_NAME, SIDECAR_NAME, ReleaseError, ReleaseWarning
+from calm_pretrain.models.release_layout import CONFIG_NAME, SIDECAR_NAME, ReleaseError, ReleaseWarning
 
 # A name part that cannot hold the "-" separating host, pid and random tag.
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"

@@ -13,7 +13,7 @@ from torch import nn
 from calm_pretrain.release.adapters import adapter_of, generation_config, release_config
 from calm_pretrain.release.directory import atomic_directory, check_replacement, clean_stale_temporaries
 from calm_pretrain.release.fingerprint import FINGERPRINT_KEY, make_record
-from calm_pretrain.release.layout import (CONFIG_NAME, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
+from calm_pretrain.models.release_layout import (CONFIG_NAME, GENERATION_CONFIG, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
                                           SIDECAR_VERSION, ReleaseError, dtype_of)
 from calm_pretrain.release.names import check_tensors, expected_shapes, release_state
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from calm_pretrain.release.layout import (BIN_INDEX, BIN_WEIGHTS, CONFIG_NAME, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
+from calm_pretrain.models.release_layout import (BIN_INDEX, BIN_WEIGHTS, CONFIG_NAME, SAFE_INDEX, SAFE_WEIGHTS, SIDECAR_NAME,
                                           SIDECAR_VERSION, ReleaseError, few)
 
 

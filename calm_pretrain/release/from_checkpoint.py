@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-from calm_pretrain.release.layout import ReleaseError, ReleaseWarning
+from calm_pretrain.models.release_layout import ReleaseError, ReleaseWarning
 
 
 def choose_checkpoint(path: str | os.PathLike) -> tuple[Path, Optional[str]]:

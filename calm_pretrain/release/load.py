@@ -12,7 +12,7 @@ from torch import nn
 from calm_pretrain.config import ConfigError, model_config_from_dict
 from calm_pretrain.release.adapters import detect, model_config_from_release, release_adapters
 from calm_pretrain.release.files import read_config, read_release_tensors, weight_files
-from calm_pretrain.release.layout import CONFIG_NAME, DTYPE_NAMES, SIDECAR_NAME, ReleaseError, dtype_of
+from calm_pretrain.models.release_layout import CONFIG_NAME, DTYPE_NAMES, SIDECAR_NAME, ReleaseError, dtype_of
 from calm_pretrain.release.fingerprint import describe_mismatch
 from calm_pretrain.release.names import check_tensors, expected_shapes, split_release_state
 from calm_pretrain.release.verify import verified_load, verify_release

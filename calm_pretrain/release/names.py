@@ -7,7 +7,7 @@ from typing import Mapping, Optional
 import torch
 
 from calm_pretrain.release.adapters import Published, adapter_of
-from calm_pretrain.release.layout import ReleaseAdapter, ReleaseError, few
+from calm_pretrain.models.release_layout import ReleaseAdapter, ReleaseError, few
 
 
 def check_tensors(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], where: str,

@@ -8,7 +8,7 @@ from typing import Callable, Optional, TypeVar
 
 from calm_pretrain.release.files import weight_files
 from calm_pretrain.release.fingerprint import UNVERIFIED, describe_mismatch, mismatches
-from calm_pretrain.release.layout import CONFIG_NAME, ReleaseError, ReleaseWarning
+from calm_pretrain.models.release_layout import CONFIG_NAME, ReleaseError, ReleaseWarning
 
 T = TypeVar("T")
 

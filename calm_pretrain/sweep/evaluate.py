@@ -16,16 +16,16 @@ from data_pipeline.files import atomic_write_json
 
 def evaluate_point(point: dict, eval_dir: str, log=print, max_blocks: Optional[int] = None) -> dict:
     """BrierLM of a point's newest checkpoint on `eval_dir` (a CALM also gets its energy skill and score,
-    calm_pretrain.eval.skill), written to <run_dir>/sweep_eval.json.
+    calm_pretrain.skill), written to <run_dir>/sweep_eval.json.
 
-    The same evaluation as the trainer's periodic one (calm_pretrain.train.run.build_evaluator), run
+    The same evaluation as the trainer's periodic one (calm_pretrain.train_command.build_evaluator), run
     after training. CALM training configs carry no model.ae_path (training on pre-encoded latents does
     not need the autoencoder), so CALM is scored here, with the AE of its K."""
     import torch
 
     from calm_pretrain.config import config_from_dict
     from calm_pretrain.train.checkpoint import read_trainer_state, resolve_checkpoint, trained_model
-    from calm_pretrain.train.run import build_evaluator, load_frozen_autoencoder
+    from calm_pretrain.train_command import build_evaluator, load_frozen_autoencoder
 
     run_dir = Path(point["run_dir"])
     ckpt = resolve_checkpoint(run_dir)

@@ -42,8 +42,8 @@ import torch
 from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
 from calm_pretrain.parallel.engine_api import ENGINE_KINDS
 from calm_pretrain.parallel.groups import ParallelLayout
-from calm_pretrain.train.errors import CheckpointError
-from calm_pretrain.train.safe_load import safe_load
+from calm_pretrain.errors import CheckpointError
+from calm_pretrain.safe_load import safe_load
 from data_pipeline.files import atomic_write_bytes, fsync_dir, sha256_file
 
 CHECKPOINT_VERSION = 1

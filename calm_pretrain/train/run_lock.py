@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
-from calm_pretrain.train.errors import CheckpointError
+from calm_pretrain.errors import CheckpointError
 
 LOCK_NAME = "train.lock"
 HEARTBEAT_S = 30.0

@@ -1,7 +1,7 @@
 """Energy skill of reference predictors on the main job's held-out set: where a CALM could get to.
 
 Each predictor samples latents for every held-out position and is scored exactly as a CALM's head is
-(calm_pretrain.eval.skill: energy score against the AE posterior of the true next chunk, relative to
+(calm_pretrain.skill: energy score against the AE posterior of the true next chunk, relative to
 the marginal predictor). The conditional ones are built from the training latents (the CALM's own
 training data), so they are honest predictors of held-out text:
   marginal (Gaussian)      N(mean, covariance) of all training latents: no context, one smooth blob
@@ -23,7 +23,7 @@ import torch
 
 
 def main() -> None:
-    from calm_pretrain.eval.skill import energy_scores, marginal_draws, posterior_draws, skill_summary
+    from calm_pretrain.skill import energy_scores, marginal_draws, posterior_draws, skill_summary
     from calm_pretrain.eval.source import heldout_blocks
     from data_pipeline.ae_io import load_autoencoder
     from data_pipeline.loader import ShardLoader

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from calm_pretrain.eval.scores import autoencoder_scores
+from calm_pretrain.scores import autoencoder_scores
 from calm_pretrain.models.autoencoder.config import AutoencoderConfig
 from calm_pretrain.models.autoencoder.flops import training_flops
 from calm_pretrain.models.autoencoder.model import AELayer, Autoencoder

@@ -8,7 +8,7 @@ from typing import Mapping
 
 import torch
 
-from calm_pretrain.release.layout import (ReleaseAdapter, ReleaseError, check_constants, require_keys, mapped,
+from calm_pretrain.models.release_layout import (ReleaseAdapter, ReleaseError, check_constants, require_keys, mapped,
                                           same_tensor)
 
 ARCH_AE = "Autoencoder"

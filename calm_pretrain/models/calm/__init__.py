@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from calm_pretrain.eval.scores import calm_scores
+from calm_pretrain.scores import calm_scores
 from calm_pretrain.models.backbone import DecoderLayer
 from calm_pretrain.models.calm.config import CALMConfig, HeadConfig
 from calm_pretrain.models.calm.flops import inference_flops, training_flops

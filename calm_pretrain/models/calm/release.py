@@ -13,7 +13,7 @@ import torch
 
 from calm_pretrain.models import backbone_release as backbone
 from calm_pretrain.models.autoencoder.release import RELEASE as AE_RELEASE
-from calm_pretrain.release.layout import SIDECAR_NAME, ReleaseAdapter, ReleaseError, mapped, require_keys, same_tensor
+from calm_pretrain.models.release_layout import SIDECAR_NAME, ReleaseAdapter, ReleaseError, mapped, require_keys, same_tensor
 
 ARCH_CALM = "EnergyTransformer"
 ARCH_CALM_OTHER_HEAD = "CALM"  # our non-energy heads: same layout, head names of ours, needs the sidecar

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from calm_pretrain.eval.scores import lm_scores
+from calm_pretrain.scores import lm_scores
 from calm_pretrain.flops import backbone_layers_forward, linear_flops
 from calm_pretrain.models.backbone import DecoderLayer
 from calm_pretrain.models.pipeline_stages import LMOutputStage, TokenInputStage, block_stages, lm_loss

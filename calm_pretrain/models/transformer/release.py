@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from calm_pretrain.models import backbone_release as backbone
-from calm_pretrain.release.layout import ReleaseAdapter, ReleaseError, few, require_keys
+from calm_pretrain.models.release_layout import ReleaseAdapter, ReleaseError, few, require_keys
 
 ARCH_LLAMA = "LlamaForCausalLM"
 PREFIX_MAP = [("transformer.", "model."), ("lm_head.", "lm_head.")]  # (ours, release)

@@ -13,7 +13,7 @@ from torch import nn
 
 from calm_pretrain.brier import brier_lm, merge_scores, two_sample_brier
 from calm_pretrain.models.spec import ModelSpec
-from calm_pretrain.release.layout import ReleaseAdapter
+from calm_pretrain.models.release_layout import ReleaseAdapter
 from calm_pretrain.schema import check
 
 MAX_N = 4  # Brier-1..4

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from calm_pretrain.brier import evaluate_brier
-from calm_pretrain.eval.skill import calm_skill
+from calm_pretrain.skill import calm_skill
 
 NOISE_SIGMAS = (0.1, 0.2, 0.3, 0.5)  # the autoencoder's robustness curve
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from calm_pretrain.train.errors import CheckpointError
+from calm_pretrain.errors import CheckpointError
 
 _torch_load = torch.load  # the real one, whatever is patched later
 
