@@ -45,7 +45,7 @@ def load_frozen_autoencoder(cfg: RunConfig) -> Optional[torch.nn.Module]:
     run draws the same random numbers with or without it."""
     if not (spec_of(cfg.model).uses_autoencoder and cfg.model.ae_path):
         return None
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
 
     return load_autoencoder(cfg.model.ae_path).eval()
 

@@ -10,16 +10,18 @@ One module, one job:
 - ``tokenize.py``    documents → token shards (AE and LM layouts), many worker processes, resumable.
 - ``shards.py``      the shard file format (Arrow IPC + zstd, per-sample CRC32) and latent quantisation.
 - ``manifest.py``    ``manifest.json``, per-shard ``.done`` records, compatibility checks.
-- ``ae_io.py``       the autoencoder checkpoint directory (config.json + model.safetensors) and fingerprint.
+- ``ae_io.py``       an autoencoder's fingerprint (its directories are read and written by
+                    calm_pretrain/release/autoencoder.py; commands pass that loader in)
 - ``encode.py``      token shards → latent shards (posterior mu, log_sigma), one process per GPU.
 - ``loader.py``      deterministic (seed, epoch) order, DP-size-independent global batches, blending,
   background prefetch, exact resume.
 - ``inspection.py``  ``calm-data inspect`` / ``verify``.
 - ``cli.py``         the ``calm-data`` console script.
 
-Imports of calm_pretrain: the config, the models and the release reader (to load, verify and
-fingerprint the frozen autoencoder that encoding needs, in either layout) and brier (``evalset``);
-nothing of the trainer, the engines or the workflows.
+A library below calm_pretrain's release code: of calm_pretrain it imports only the launcher environment
+(parallel/distributed.py, for encode's ranks); the autoencoder it encodes with is passed in. Never
+release, eval, the trainer or the workflows. ``cli.py`` alone, the command on top, imports the
+release package's autoencoder loader and passes it to ``run_encode`` and ``inspect``.
 
 Bad input, and what happens to it (each case has a test in ``tests/test_data_*.py``):
 

@@ -35,10 +35,12 @@ def _tokenize(args) -> int:
 
 
 def _encode(args) -> int:
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.encode import EncodeConfig, run_encode
 
     m = run_encode(EncodeConfig(tokens=args.tokens, ae=args.ae, output=args.output, dtype=args.dtype,
-                                batch_size=args.batch_size, device=args.device, progress=not args.no_progress))
+                                batch_size=args.batch_size, device=args.device, progress=not args.no_progress),
+                   load_autoencoder)
     if m is None:
         print(f"{args.output}: this rank's shards are done; others are still running (or failed: re-run)")
     else:
@@ -48,10 +50,11 @@ def _encode(args) -> int:
 
 
 def _inspect(args) -> int:
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.inspection import inspect
 
     inspect(args.path, samples=args.samples, tokenizer=args.tokenizer, ae=args.ae, chars=args.chars,
-            device=args.device)
+            device=args.device, load_ae=load_autoencoder)
     return 0
 
 

@@ -23,13 +23,13 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from calm_pretrain.parallel.distributed import env_rank, env_world_size, local_rank
-from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+from data_pipeline.ae_io import autoencoder_fingerprint
 from data_pipeline.errors import DataError, IncompatibleDataError
 from data_pipeline.files import remove_stale_tmp
 from data_pipeline.manifest import (
@@ -117,14 +117,16 @@ def latent_shard_name(i: int) -> str:
     return f"latents-{i:05d}.arrow"
 
 
-def run_encode(cfg: EncodeConfig) -> Optional[Manifest]:
-    """Encode this rank's shards; returns the manifest if every shard is now finished, else None."""
+def run_encode(cfg: EncodeConfig, load_ae: Callable) -> Optional[Manifest]:
+    """Encode this rank's shards; returns the manifest if every shard is now finished, else None.
+    `load_ae(path, device)` reads the autoencoder `cfg.ae` names (the command passes
+    calm_pretrain.release.autoencoder.load_autoencoder: the data pipeline sits below the release code)."""
     if cfg.dtype not in LATENT_DTYPES:
         raise DataError(f"dtype must be one of {', '.join(LATENT_DTYPES)}, got {cfg.dtype!r}")
     rank, world = dist_rank_world(cfg.rank, cfg.world_size)
     device = resolve_device(cfg.device)
     tm = load_manifest(cfg.tokens)
-    ae = load_autoencoder(cfg.ae, device)
+    ae = load_ae(cfg.ae, device)
     check_ae_matches_tokens(ae, tm)
     ae_fp = autoencoder_fingerprint(ae)
     out = Path(cfg.output)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 import numpy as np
 
@@ -48,8 +48,11 @@ def summary(m: Manifest) -> dict:
 
 
 def inspect(path: str, samples: int = 2, tokenizer: Optional[str] = None, ae: Optional[str] = None,
-            chars: int = 300, device: str = "cpu", out: Optional[TextIO] = None) -> dict:
-    """Print what the directory holds and decode a few samples; returns the numbers printed."""
+            chars: int = 300, device: str = "cpu", out: Optional[TextIO] = None,
+            load_ae: Optional[Callable] = None) -> dict:
+    """Print what the directory holds and decode a few samples; returns the numbers printed. Latents are
+    decoded with the autoencoder `ae` (default: the one the manifest names), read by `load_ae(path,
+    device)`; without `load_ae` they are not decoded."""
     import sys
 
     out = out or sys.stdout
@@ -77,11 +80,12 @@ def inspect(path: str, samples: int = 2, tokenizer: Optional[str] = None, ae: Op
     p(f"  skipped: {', '.join(f'{v} {k}' for k, v in skipped.items()) or 'nothing'}; "
       f"dropped tail tokens {st.get('dropped_tokens', 0):,}, pad tokens {st.get('pad_tokens', 0):,}")
     if samples > 0 and m.shards:
-        s.update(_show_samples(m, samples, tokenizer, ae, chars, device, p))
+        s.update(_show_samples(m, samples, tokenizer, ae, chars, device, p, load_ae))
     return s
 
 
-def _show_samples(m: Manifest, n: int, tokenizer: Optional[str], ae_dir: Optional[str], chars: int, device, p) -> dict:
+def _show_samples(m: Manifest, n: int, tokenizer: Optional[str], ae_dir: Optional[str], chars: int, device, p,
+                  load_ae: Optional[Callable]) -> dict:
     from data_pipeline.tokenizers import load_tokenizer
 
     entry = m.shards[0]
@@ -97,8 +101,8 @@ def _show_samples(m: Manifest, n: int, tokenizer: Optional[str], ae_dir: Optiona
         p(f"  (cannot load tokenizer {spec!r} to decode: {e})")
     result: dict = {}
     recon = None
-    if m.kind == "latents":
-        recon, acc = _reconstruct(m, rows, ae_dir, device, p)
+    if m.kind == "latents" and load_ae is not None:
+        recon, acc = _reconstruct(m, rows, ae_dir, device, p, load_ae)
         if acc is not None:
             result["reconstruction_accuracy"] = acc
             p(f"  AE reconstruction from stored mu: {100 * acc:.3f}% of {rows['ids'].size} tokens")
@@ -113,16 +117,16 @@ def _show_samples(m: Manifest, n: int, tokenizer: Optional[str], ae_dir: Optiona
     return result
 
 
-def _reconstruct(m: Manifest, rows: dict, ae_dir: Optional[str], device: str, p):
+def _reconstruct(m: Manifest, rows: dict, ae_dir: Optional[str], device: str, p, load_ae: Callable):
     import torch
 
-    from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+    from data_pipeline.ae_io import autoencoder_fingerprint
 
     ae_dir = ae_dir or m.latent.get("ae_path")
     if not ae_dir or not Path(ae_dir).is_dir():
         p(f"  (autoencoder {ae_dir!r} not found: pass --ae to decode latents)")
         return None, None
-    ae = load_autoencoder(ae_dir, device)
+    ae = load_ae(ae_dir, device)
     fp = autoencoder_fingerprint(ae)
     if fp != m.ae_fingerprint:
         raise DataError(f"{m.path}: latents were made by autoencoder {m.ae_fingerprint}, {ae_dir} is {fp}")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from data_pipeline.ae_io import save_autoencoder
+from calm_pretrain.release.autoencoder import save_autoencoder
 from data_pipeline.cli import main
 from tests.helpers import REPO
 from tests.helpers.data import write_jsonl

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder, save_autoencoder
+from calm_pretrain.release.autoencoder import load_autoencoder, save_autoencoder
+
+from data_pipeline.ae_io import autoencoder_fingerprint
 from data_pipeline.encode import EncodeConfig, run_encode
 from data_pipeline.errors import DataError, IncompatibleDataError
 from data_pipeline.loader import ShardLoader
@@ -89,7 +91,7 @@ def test_encode_bf16_int8_and_int8_ls4(tmp_path, tokens, ae_dir):
     for dtype in ("bf16", "int8", "int8-ls4"):
         out = tmp_path / dtype
         m = run_encode(EncodeConfig(tokens=str(tokens), ae=str(ae_dir), output=str(out), dtype=dtype, batch_size=7,
-                                    progress=False))
+                                    progress=False), load_autoencoder)
         assert m is not None and m.kind == "latents" and m.num_samples == 45 and len(m.shards) == 3
         assert (m.k, m.seq_chunks, m.latent_dim, m.latent["dtype"]) == (4, 8, 16, dtype)
         assert m.ae_fingerprint == autoencoder_fingerprint(ae) and m.tokenizer == tm.tokenizer
@@ -104,17 +106,17 @@ def test_encode_bf16_int8_and_int8_ls4(tmp_path, tokens, ae_dir):
             assert got[name].shape == (45, 8, 16) and (np.abs(got[name] - ref) <= tol).all()
         stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.arrow")}
         again = run_encode(EncodeConfig(tokens=str(tokens), ae=str(ae_dir), output=str(out), dtype=dtype,
-                                        progress=False))
+                                        progress=False), load_autoencoder)
         assert again.to_dict() == m.to_dict()
         assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.arrow")} == stamps  # nothing redone
     with pytest.raises(DataError, match="different job"):
         run_encode(EncodeConfig(tokens=str(tokens), ae=str(ae_dir), output=str(tmp_path / "bf16"), dtype="int8",
-                                progress=False))
+                                progress=False), load_autoencoder)
 
 
 def test_encode_ranks_as_separate_processes(tmp_path, tokens, ae_dir):
     single = run_encode(EncodeConfig(tokens=str(tokens), ae=str(ae_dir), output=str(tmp_path / "one"),
-                                     progress=False))
+                                     progress=False), load_autoencoder)
     ranks = launch_ranks(2, ["encode", str(tokens), "--ae", str(ae_dir), "-o", str(tmp_path / "two"), "--device",
                              "cpu", "--no-progress"], tmp_path / "logs", module="data_pipeline.cli")
     ranks.wait(180)
@@ -126,7 +128,7 @@ def test_encode_ranks_as_separate_processes(tmp_path, tokens, ae_dir):
 
 
 def test_check_compatible_names_both_values_and_the_file(tmp_path, tokens, ae_dir):
-    m = run_encode(EncodeConfig(tokens=str(tokens), ae=str(ae_dir), output=str(tmp_path / "lat"), progress=False))
+    m = run_encode(EncodeConfig(tokens=str(tokens), ae=str(ae_dir), output=str(tmp_path / "lat"), progress=False), load_autoencoder)
     ok = dict(k=4, latent_dim=16, ae_fingerprint=m.ae_fingerprint, tokenizer_fingerprint="test-tokenizer")
     check_compatible(m.path, **ok)
     path = str(tmp_path / "lat" / "manifest.json")
@@ -151,8 +153,8 @@ def test_encode_refuses_an_autoencoder_of_another_tokenizer(tmp_path, tokens):
     save_autoencoder(make_ae(eos_token_id=5), tmp_path / "ae5")
     with pytest.raises(IncompatibleDataError, match="eos_id = 2 but the autoencoder's config has 5"):
         run_encode(EncodeConfig(tokens=str(tokens), ae=str(tmp_path / "ae5"), output=str(tmp_path / "o"),
-                                progress=False))
+                                progress=False), load_autoencoder)
     save_autoencoder(make_ae(k=3), tmp_path / "ae3")
     with pytest.raises(IncompatibleDataError, match="not a multiple of the autoencoder's K = 3"):
         run_encode(EncodeConfig(tokens=str(tokens), ae=str(tmp_path / "ae3"), output=str(tmp_path / "o3"),
-                                progress=False))
+                                progress=False), load_autoencoder)

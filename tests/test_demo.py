@@ -71,7 +71,8 @@ def test_corpus_tokenizer_and_token_shards(demo):
 
 @pytest.mark.slow
 def test_autoencoder_stage_trains_evaluates_on_held_out_text_and_releases(demo):
-    from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
+    from data_pipeline.ae_io import autoencoder_fingerprint
     from data_pipeline.manifest import load_manifest
 
     run, rows, _, _ = demo

@@ -201,7 +201,9 @@ def test_generate_samples_a_calm_in_batches_of_the_requested_size(releases, caps
 def test_a_run_continues_from_a_published_calm_release_given_its_autoencoder(releases, tmp_path, capsys):
     import numpy as np
 
-    from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
+
+    from data_pipeline.ae_io import autoencoder_fingerprint
     from tests.helpers.data import write_latent_dataset
 
     calm, ae_dir = releases["root"] / "calm", releases["root"] / "ae"

@@ -123,7 +123,8 @@ def test_export_out_never_replaces_a_release_of_another_model(world, tmp_path, c
 # Item 6: export --embed-ae / --tokenizer the CALM was not trained with
 # --------------------------------------------------------------------------------------------
 def test_export_refuses_an_autoencoder_or_tokenizer_the_calm_was_not_trained_with(world, tmp_path, capsys):
-    from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
+    from data_pipeline.ae_io import autoencoder_fingerprint
     from data_pipeline.manifest import load_manifest
     from data_pipeline.tokenizers import load_tokenizer
 
@@ -181,7 +182,7 @@ def _edit(path, **values):
 
 
 def test_an_edited_release_config_is_refused_naming_the_fields(world, tmp_path, capsys):
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.errors import DataError
 
     calm = tmp_path / "calm"

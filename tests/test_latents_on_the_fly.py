@@ -27,7 +27,7 @@ TINY = ["model.arch=calm", "model.vocab_size=64", "model.hidden_size=32", "model
 def shards(tmp_path):
     """A tiny AE, 32 token samples of 16 tokens, and their bf16 latent shards encoded by it."""
     from calm_pretrain.models import build_model
-    from data_pipeline.ae_io import save_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder, save_autoencoder
     from data_pipeline.encode import EncodeConfig, run_encode
     from tests.helpers.data import write_token_dataset
     from tests.helpers.models import tiny_ae_config
@@ -36,7 +36,7 @@ def shards(tmp_path):
     save_autoencoder(build_model(tiny_ae_config(vocab_size=64, latent_dim=8)).eval(), tmp_path / "ae")
     write_token_dataset(tmp_path / "tok", np.random.default_rng(2).integers(3, 64, (32, 16)), k=4, vocab_size=64)
     run_encode(EncodeConfig(tokens=str(tmp_path / "tok"), ae=str(tmp_path / "ae"), output=str(tmp_path / "lat"),
-                            progress=False))
+                            progress=False), load_autoencoder)
     return tmp_path
 
 
@@ -50,7 +50,7 @@ def _losses(run_dir) -> list[tuple[int, float]]:
 
 
 def test_on_the_fly_batches_hold_the_aes_own_encoding(shards):
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.loader import ShardLoader
     from data_pipeline.on_the_fly import OnTheFlyLatents
 
@@ -78,7 +78,8 @@ def test_on_the_fly_batches_hold_the_aes_own_encoding(shards):
 def test_training_on_the_fly_gives_the_stored_runs_losses(shards, monkeypatch):
     from calm_pretrain.train.checkpoint import consolidated_state_dict, read_trainer_state, resolve_checkpoint
     from data_pipeline import on_the_fly
-    from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
+    from data_pipeline.ae_io import autoencoder_fingerprint
 
     assert run_training(_config(shards, "stored", f"data.train={shards / 'lat'}"), log=lambda s: None) == 0
     assert run_training(_config(shards, "fly32", f"data.train={shards / 'tok'}", "data.latents=on_the_fly"),
@@ -110,7 +111,7 @@ def test_training_on_the_fly_gives_the_stored_runs_losses(shards, monkeypatch):
 
 def test_on_the_fly_resume_refuses_another_autoencoder(shards):
     from calm_pretrain.models import build_model
-    from data_pipeline.ae_io import save_autoencoder
+    from calm_pretrain.release.autoencoder import save_autoencoder
     from data_pipeline.errors import IncompatibleDataError
     from calm_pretrain.train.checkpoint import CheckpointError
     from tests.helpers.models import tiny_ae_config
@@ -132,7 +133,7 @@ def test_on_the_fly_resume_refuses_another_autoencoder(shards):
 
 def test_wrong_shards_and_autoencoders_are_refused(shards):
     from calm_pretrain.models import build_model
-    from data_pipeline.ae_io import save_autoencoder
+    from calm_pretrain.release.autoencoder import save_autoencoder
     from data_pipeline.errors import IncompatibleDataError
     from tests.helpers.models import tiny_ae_config
 
@@ -169,7 +170,7 @@ def test_export_checks_the_embedded_autoencoder_against_the_one_run_in_the_step(
     from calm_pretrain.models import build_model
     from calm_pretrain.release import ReleaseError, export_release
     from calm_pretrain.release.from_checkpoint import export_checkpoint
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from tests.helpers.models import tiny_ae_config
 
     export_release(load_autoencoder(shards / "ae"), shards / "ae_release")
@@ -215,7 +216,7 @@ def test_on_the_fly_under_deepspeed_data_parallel(shards):
 def test_on_the_fly_on_the_gpu_encodes_as_calm_data_encode_does(shards):
     """On CUDA the AE runs on the training device in bf16 autocast: the batch equals calm-data encode's
     encoding on that device, is near the float32 CPU one, and a run trains on it."""
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.encode import encode_ids
     from data_pipeline.on_the_fly import OnTheFlyLatents
 

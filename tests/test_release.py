@@ -224,7 +224,7 @@ def test_sharded_safetensors_round_trip(models, tmp_path):
 
 
 def test_native_ae_directory_of_the_data_pipeline_imports(models, tmp_path):
-    from data_pipeline.ae_io import save_autoencoder
+    from calm_pretrain.release.autoencoder import save_autoencoder
 
     save_autoencoder(models["ae"], tmp_path / "ae")
     back, cfg = import_release(tmp_path / "ae")
@@ -565,7 +565,8 @@ def test_release_info_and_cli(models, tmp_path, capsys):
 
 def test_an_exported_autoencoder_release_loads_for_encoding_with_the_same_fingerprint(tmp_path):
     from calm_pretrain.release import export_release
-    from data_pipeline.ae_io import autoencoder_fingerprint, load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
+    from data_pipeline.ae_io import autoencoder_fingerprint
     from tests.helpers.models import tiny_ae_config
 
     torch.manual_seed(0)

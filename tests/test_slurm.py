@@ -200,7 +200,7 @@ def test_encode_two_nodes_is_idempotent(tmp_path):
     import torch
 
     from calm_pretrain.models.autoencoder.model import Autoencoder
-    from data_pipeline.ae_io import save_autoencoder
+    from calm_pretrain.release.autoencoder import save_autoencoder
     from data_pipeline.manifest import load_manifest
     from tests.helpers.data import write_token_dataset
     from tests.helpers.models import tiny_ae_config

@@ -67,7 +67,7 @@ def test_autoencoder_run_logs_held_out_reconstruction(tmp_path, tokens):
 def test_calm_run_with_its_autoencoder_scores_brierlm_and_refuses_other_latents(tmp_path, tokens):
     import torch
 
-    from data_pipeline.ae_io import save_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder, save_autoencoder
     from data_pipeline.encode import EncodeConfig, run_encode
     from data_pipeline.errors import IncompatibleDataError
     from tests.helpers.data import write_token_dataset
@@ -77,7 +77,7 @@ def test_calm_run_with_its_autoencoder_scores_brierlm_and_refuses_other_latents(
     torch.manual_seed(0)
     save_autoencoder(build_model(tiny_ae_config(vocab_size=64, latent_dim=8)).eval(), tmp_path / "ae")
     write_token_dataset(tmp_path / "lm", np.random.default_rng(2).integers(3, 64, (32, 16)), k=4, vocab_size=64)
-    run_encode(EncodeConfig(tokens=str(tmp_path / "lm"), ae=str(tmp_path / "ae"), output=str(tmp_path / "lat")))
+    run_encode(EncodeConfig(tokens=str(tmp_path / "lm"), ae=str(tmp_path / "ae"), output=str(tmp_path / "lat")), load_autoencoder)
     run = tmp_path / "run"
     overrides = ["model.arch=calm", "model.k=4", "model.latent_dim=8", "model.num_layers=1", "model.num_heads=2",
                  "model.num_kv_heads=2", "model.head.num_samples=2", "model.head.num_target_samples=4",

@@ -48,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data_pipeline.ae_io import save_autoencoder  # noqa: E402
+from calm_pretrain.release.autoencoder import load_autoencoder, save_autoencoder  # noqa: E402
 from data_pipeline.encode import EncodeConfig, run_encode  # noqa: E402
 from data_pipeline.inspection import summary  # noqa: E402
 from data_pipeline.loader import ShardLoader  # noqa: E402
@@ -146,7 +146,6 @@ def train_ae(work: Path, corpus: Path, steps: int, n_docs: int) -> tuple[Path, d
 
 
 def bench_encode(work: Path, ae_dir: Path, llama_tokens: Path, demo_tokens_src: Path, eval_samples: int) -> dict:
-    from data_pipeline.ae_io import load_autoencoder
 
     res: dict = {}
     # LM token shards (demo) with 2048 tokens per sample, as the published CALM reads them
@@ -154,7 +153,7 @@ def bench_encode(work: Path, ae_dir: Path, llama_tokens: Path, demo_tokens_src: 
         out = work / f"lat-{dtype}"
         t0 = time.perf_counter()
         m = run_encode(EncodeConfig(tokens=str(demo_tokens_src), ae=str(ae_dir), output=str(out), dtype=dtype,
-                                    batch_size=8, device="cpu", progress=False))
+                                    batch_size=8, device="cpu", progress=False), load_autoencoder)
         dt = time.perf_counter() - t0
         latents = m.num_samples * m.seq_chunks
         s = summary(m)
@@ -215,7 +214,7 @@ def bench_loader(work: Path, demo_tokens: Path, steps: int) -> dict:
     save_autoencoder(Autoencoder(ae_cfg), ae_dir)
     lat = work / "lat-tiny"
     run_encode(EncodeConfig(tokens=str(demo_tokens), ae=str(ae_dir), output=str(lat), dtype="bf16", device="cpu",
-                            progress=False))
+                            progress=False), load_autoencoder)
     mb = run.train.micro_batch_size
     res: dict = {"micro_batch_size": mb, "seq_chunks": run.data.seq_chunks, "latent_dim": run.model.latent_dim}
     for prefetch in (0, 4):  # a 1 MB batch cache: nearly every sample decompresses its record batch

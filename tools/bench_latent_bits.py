@@ -211,7 +211,7 @@ class Bench:
 
 def run_ae(name: str, path: Path, heldout: Path, args) -> dict:
     from calm_pretrain.eval.source import heldout_blocks
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
 
     t0 = time.time()
     ae = load_autoencoder(path)

@@ -49,7 +49,7 @@ from calm_pretrain.config import load_config  # noqa: E402
 from calm_pretrain.models import build_model  # noqa: E402
 from calm_pretrain.models.registry import training_flops_per_token  # noqa: E402
 from calm_pretrain.train.trainer import Trainer  # noqa: E402
-from data_pipeline.ae_io import load_autoencoder, save_autoencoder  # noqa: E402
+from calm_pretrain.release.autoencoder import load_autoencoder, save_autoencoder  # noqa: E402
 from data_pipeline.encode import EncodeConfig, encode_posterior, run_encode  # noqa: E402
 from data_pipeline.latent_codec import LATENT_DTYPES  # noqa: E402
 from data_pipeline.on_the_fly import OnTheFlyLatents  # noqa: E402
@@ -160,7 +160,7 @@ def bytes_per_token(work: Path, name: str, tokenizer, ae_dir: Path, seq_chunks: 
            "token_shards": round(m.num_bytes / m.num_tokens, 3), "token_dtype": m.token_dtype}
     for dtype in LATENT_DTYPES:
         lat = run_encode(EncodeConfig(tokens=str(tok_dir), ae=str(ae_dir), output=str(work / f"lat-{name}-{dtype}"),
-                                      dtype=dtype, batch_size=8, device="cpu", progress=False))
+                                      dtype=dtype, batch_size=8, device="cpu", progress=False), load_autoencoder)
         out[f"latent_shards_{dtype}"] = round(lat.num_bytes / lat.num_tokens, 3)
     return out
 

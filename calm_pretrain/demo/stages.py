@@ -263,7 +263,7 @@ def language_model(ctx: DemoContext, name: str) -> dict:
 def evaluate(ctx: DemoContext) -> dict:
     from calm_pretrain.eval.heldout import evaluate_model
     from calm_pretrain.eval.source import heldout_blocks
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
 
     run, data, blocks_n = ctx.run, ctx.data, ctx.pipe.eval.blocks
     ae = load_autoencoder(ctx.release / "ae")
@@ -288,7 +288,7 @@ def evaluate(ctx: DemoContext) -> dict:
 def generate(ctx: DemoContext) -> dict:
     import torch
 
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.tokenizers import load_tokenizer
 
     g, run = ctx.pipe.generate, ctx.run
@@ -314,7 +314,7 @@ def reload_releases(ctx: DemoContext) -> dict:
     import torch
 
     from calm_pretrain.release import import_release, import_release_ae
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.tokenizers import load_tokenizer
 
     run, release = ctx.run, ctx.release

@@ -39,7 +39,7 @@ def _is_release(path: Path) -> bool:
 
 
 def _load_ae(path: str):
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.errors import DataError
 
     if not Path(path).is_dir():

@@ -19,7 +19,7 @@ from calm_pretrain.models.release_layout import (HF_BOOKKEEPING, SIDECAR_NAME, T
 @dataclass(frozen=True)
 class Published:
     """What a config.json says it is: a published architecture `name` and its adapter; `native`: our own
-    AE directory format (data_pipeline.ae_io: config.json is our dataclass), read by the adapter of its
+    AE directory format (calm_pretrain.release.autoencoder: config.json is our dataclass), read by the adapter of its
     `arch` (the base adapter, our names as they are, when that names no architecture with one)."""
     name: str
     adapter: ReleaseAdapter
@@ -77,7 +77,7 @@ def detect(values: dict, cfg_path: Path) -> Published:
         if isinstance(archs[0], str) and archs[0] in adapters:
             return Published(archs[0], adapters[archs[0]])
         raise ReleaseError(f"{cfg_path}: unknown architecture {archs[0]!r}; supported: {supported}")
-    if "arch" in values:  # our own AE directory format (data_pipeline.ae_io): config.json = the dataclass
+    if "arch" in values:  # our own AE directory format (release/autoencoder.py): config.json = the dataclass
         spec = architectures().get(values["arch"]) if isinstance(values["arch"], str) else None
         if spec is None or spec.release is None:  # its config will not load (or not be released): plain names
             return Published(f"{values['arch']} (calm_pretrain AE directory)", ReleaseAdapter(), native=True)

@@ -10,7 +10,7 @@ see it. So an export records, in our sidecar ``calm_pretrain.json`` under ``fing
 - ``files``: size and sha256 of every weight file (and shard index);
 - ``digest``: one hash of the three, the release's identity (see ``directory.check_replacement``).
 
-The data pipeline's native AE directories (``data_pipeline.ae_io.save_autoencoder``) have no sidecar; they
+The data pipeline's native AE directories (``calm_pretrain.release.autoencoder.save_autoencoder``) have no sidecar; they
 keep the same record in ``fingerprint.json``. A directory without a record (the published checkpoints,
 exports older than fingerprints) still loads, reported as unverified.
 """

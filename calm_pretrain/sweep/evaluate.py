@@ -78,7 +78,7 @@ def export_autoencoder(run_dir: str | os.PathLike, release: str | os.PathLike) -
     """The newest intact checkpoint of an AE training run → a directory `calm-data encode --ae` loads."""
     from calm_pretrain.models import build_model
     from calm_pretrain.train.checkpoint import consolidated_state_dict
-    from data_pipeline.ae_io import save_autoencoder
+    from calm_pretrain.release.autoencoder import save_autoencoder
 
     state, cfg = consolidated_state_dict(Path(run_dir))
     if not spec_of(cfg).encodes_latents:

@@ -271,7 +271,7 @@ def _point_inputs(sw: _Sweep, aes: _Autoencoders, section: dict, m) -> tuple[lis
         if any(s["k"] == k for s in aes.stages["encode"]):
             depends.append(f"encode-k{k}")
     elif on_latents and m.ae_path:
-        from data_pipeline.ae_io import load_autoencoder
+        from calm_pretrain.release.autoencoder import load_autoencoder
 
         try:
             ae = load_autoencoder(m.ae_path).config

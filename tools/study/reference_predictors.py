@@ -25,7 +25,7 @@ import torch
 def main() -> None:
     from calm_pretrain.skill import energy_scores, marginal_draws, posterior_draws, skill_summary
     from calm_pretrain.eval.source import heldout_blocks
-    from data_pipeline.ae_io import load_autoencoder
+    from calm_pretrain.release.autoencoder import load_autoencoder
     from data_pipeline.loader import ShardLoader
 
     p = argparse.ArgumentParser()
