@@ -1,0 +1,61 @@
+"""argmax over the vocabulary of ``x @ W.T`` without a full-precision pass over W (generation).
+
+The AE decoder's output projection is the largest matrix a CALM reads per generated chunk (V × H:
+128257 × 512 for the published AE). Only the argmax of its logits is used, so it is screened in
+bfloat16 and verified in full precision:
+
+1. s = bf16(x) · bf16(W)ᵀ — half the bytes of W, and the CPU's AMX / the GPU's tensor cores.
+2. Every exact logit l_v = x · w_v lies within ε = C · ‖x‖ · max_v ‖w_v‖ of s_v, with C = 2⁻⁶ above
+   the rounding of both operands to bf16 (2·2⁻⁸ + 2⁻¹⁶ relative to Σ|x_i w_iv| ≤ ‖x‖‖w_v‖, Cauchy–
+   Schwarz), of the bf16 output (2⁻⁸), and of fp32 accumulation (n·2⁻²⁴ with n = H ≤ 4096) together
+   (≈ 0.012). Off the CPU, C is doubled: a GPU GEMM may round split-K partial sums to bf16 too.
+   So the true argmax is among {v : s_v ≥ max(s) − 2ε}.
+3. Those few logits are recomputed in the weight's own precision, and their argmax is returned.
+
+The result is the argmax of the full-precision logits up to the rounding of the dot products
+themselves (two orders of summation can differ in the last bit, which matters only for exact
+ties). A bf16 (or fp16) weight has nothing to screen: its logits are computed directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SCREEN_TOLERANCE = 2.0 ** -6  # C above
+
+
+class ScreenedArgmax:
+    """Holds the bf16 copy of one weight [V, H] and its largest row norm; rebuilt when the weight
+    changes (another tensor, device, or an in-place update: ``_version``)."""
+
+    def __init__(self):
+        self._key = None
+        self._low = self._max_norm = None
+
+    def _prepare(self, weight: torch.Tensor):
+        key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
+        if key != self._key:
+            w = weight.detach()
+            self._low = w.to(torch.bfloat16)
+            self._max_norm = w.float().norm(dim=-1).max()
+            self._key = key
+        return self._low, self._max_norm
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [..., H] → argmax_v (x · w_v) [...] (long)."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        if weight.dtype in (torch.bfloat16, torch.float16) or x.shape[0] == 0:
+            return F.linear(x.to(weight.dtype), weight).argmax(-1).reshape(lead)
+        low, max_norm = self._prepare(weight)
+        s = F.linear(x.to(torch.bfloat16), low)  # [M, V] bf16
+        tol = SCREEN_TOLERANCE * (1 if x.device.type == "cpu" else 2)
+        eps = tol * x.float().norm(dim=-1) * max_norm  # [M]
+        top = s.max(-1).values.float()
+        rows, cols = (s >= (top - 2 * eps)[:, None]).nonzero(as_tuple=True)
+        exact = (x[rows].to(weight.dtype) * weight[cols]).sum(-1)  # the few candidates, full precision
+        best = torch.full((x.shape[0],), float("-inf"), dtype=exact.dtype, device=x.device)
+        best = best.scatter_reduce(0, rows, exact, "amax")
+        winner = torch.where(exact == best[rows], cols, torch.full_like(cols, weight.shape[0]))
+        first = torch.full((x.shape[0],), weight.shape[0], dtype=cols.dtype, device=x.device)
+        return first.scatter_reduce(0, rows, winner, "amin").reshape(lead)  # lowest index on a tie, as argmax
