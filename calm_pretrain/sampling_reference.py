@@ -4,13 +4,14 @@ one row at a time, every candidate decoded in full, the choice made by
 
 Kept as the reference that tests/test_generation_fast.py compares :func:`~calm_pretrain.sampling.generate_calm`
 with (same generator seed → same tokens), and that ``tools/bench_generate.py`` times for the "before"
-numbers. Not used for generation.
+numbers (with the same ``record_function`` labels, for the per-step breakdown). Not used for generation.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
+from torch.profiler import record_function
 
 from calm_pretrain.sampling import (as_batch, batch_temperature_sample, exact_chunk, finish_generation,
                                     inverse_temperature, split_inverse_temperature, truncate_after_eos)
@@ -46,22 +47,27 @@ def reference_generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperatu
     feed = ids  # what the cached path still has to read
     for _ in range(-(-max_new_tokens // k)):
         if use_cache:
-            h = calm.hidden_states(feed, cache)[:, -1]
+            with record_function("generate.backbone"):  # embedding included
+                h = calm.hidden_states(feed, cache)[:, -1]
         else:
-            h = calm.hidden_states(torch.cat([ids, *new_chunks], 1))[:, -1]
+            with record_function("generate.backbone"):
+                h = calm.hidden_states(torch.cat([ids, *new_chunks], 1))[:, -1]
         chunk = ids.new_full((b, k), pad_id)
         if sampler == "exact":
             for row in range(b):
                 if not done[row]:
                     chunk[row] = torch.tensor(exact_chunk(calm, ae, h[row], temperature, generator), device=device)
         else:
-            z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
-            tokens = ae.decode(z.unsqueeze(-2)).argmax(-1)  # [B, N, K]
-            for row in range(b):
-                if done[row]:
-                    continue  # finished rows are padded, and stripped at the end
-                cands = [tuple(c) for c in tokens[row].tolist()]
-                chunk[row] = torch.tensor(batch_temperature_sample(cands, n, generator), device=device)
+            with record_function("generate.head"):
+                z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
+            with record_function("generate.decode"):
+                tokens = ae.decode(z.unsqueeze(-2)).argmax(-1)  # [B, N, K]
+            with record_function("generate.choose"):
+                for row in range(b):
+                    if done[row]:
+                        continue  # finished rows are padded, and stripped at the end
+                    cands = [tuple(c) for c in tokens[row].tolist()]
+                    chunk[row] = torch.tensor(batch_temperature_sample(cands, n, generator), device=device)
         new_chunks.append(chunk)
         if on_chunk is not None:
             on_chunk(chunk)

@@ -33,7 +33,8 @@ def _pair(vocab: int, head_std: float):
     return calm, _tiny("ae", f"model.vocab_size={vocab}")
 
 
-def test_screened_argmax_matches_float64_argmax():
+def test_screened_argmax_matches_float64_argmax(monkeypatch):
+    monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", 0)  # screen this small weight
     g = torch.Generator().manual_seed(0)
     w = torch.randn(5000, 64, generator=g)
     w[1::2] = w[::2] * (1 + 1e-4 * torch.randn(2500, 64, generator=g))  # near-ties bf16 cannot separate
@@ -46,7 +47,9 @@ def test_screened_argmax_matches_float64_argmax():
     assert torch.equal(screened(x, w), (x.double() @ w.double().T).argmax(-1))
 
 
-def test_decode_tokens_is_argmax_of_decode():
+@pytest.mark.parametrize("screen_from", [0, 1 << 40])
+def test_decode_tokens_is_argmax_of_decode(monkeypatch, screen_from):
+    monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", screen_from)
     ae = _tiny("ae")
     z = torch.randn(3, 7, 2, ae.config.latent_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -54,7 +57,8 @@ def test_decode_tokens_is_argmax_of_decode():
 
 
 @pytest.mark.parametrize("vocab,head_std", [(16, 0.0), (4, 0.3), (4, 3.0), (16, 0.3)])
-def test_candidate_keys_choose_what_the_full_count_chooses(vocab, head_std):
+def test_candidate_keys_choose_what_the_full_count_chooses(monkeypatch, vocab, head_std):
+    monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", 0)
     calm, ae = _pair(vocab, head_std)
     g = torch.Generator().manual_seed(2)
     h = torch.randn(3, calm.config.hidden_size, generator=g)
@@ -79,7 +83,8 @@ def test_candidate_keys_choose_what_the_full_count_chooses(vocab, head_std):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 1 / 3])
 @pytest.mark.parametrize("vocab,head_std", [(4, 0.3), (16, 0.3), (4096, 0.5)])
-def test_generation_matches_the_reference_loop(temperature, vocab, head_std):
+def test_generation_matches_the_reference_loop(monkeypatch, temperature, vocab, head_std):
+    monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", 0)  # the screened decoding
     calm, ae = _pair(vocab, head_std)
     prompts = torch.randint(3, vocab, (3, 6), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=24, temperature=temperature, num_candidates=24, eos_id=-1)
@@ -90,7 +95,8 @@ def test_generation_matches_the_reference_loop(temperature, vocab, head_std):
     assert len(set(got[0][6:].tolist())) > 1  # non-trivial samples
 
 
-def test_generation_with_eos_matches_the_reference_loop():
+def test_generation_with_eos_matches_the_reference_loop(monkeypatch):
+    monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", 0)
     calm, ae = _pair(16, 0.3)  # EOS (id 2) is one of 16 tokens: rows stop early
     for seed in range(3):
         for temperature in (1.0, 0.5):

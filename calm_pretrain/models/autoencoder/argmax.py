@@ -14,7 +14,8 @@ bfloat16 and verified in full precision:
 
 The result is the argmax of the full-precision logits up to the rounding of the dot products
 themselves (two orders of summation can differ in the last bit, which matters only for exact
-ties). A bf16 (or fp16) weight has nothing to screen: its logits are computed directly.
+ties). A bf16 (or fp16) weight has nothing to screen, and a small one (under ``MIN_SCREENED``
+elements) is not worth it: their logits are computed directly.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 SCREEN_TOLERANCE = 2.0 ** -6  # C above
+MIN_SCREENED = 1 << 22  # a smaller weight (16 MiB in fp32) is read faster than screening costs
 
 
 class ScreenedArgmax:
@@ -45,14 +47,15 @@ class ScreenedArgmax:
         """x [..., H] → argmax_v (x · w_v) [...] (long)."""
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        if weight.dtype in (torch.bfloat16, torch.float16) or x.shape[0] == 0:
+        if weight.dtype in (torch.bfloat16, torch.float16) or weight.numel() < MIN_SCREENED or x.shape[0] == 0:
             return F.linear(x.to(weight.dtype), weight).argmax(-1).reshape(lead)
         low, max_norm = self._prepare(weight)
-        s = F.linear(x.to(torch.bfloat16), low)  # [M, V] bf16
+        s = torch.mm(low, x.to(torch.bfloat16).t())  # [V, M] bf16 (W · xᵀ: the faster GEMM layout for few rows)
         tol = SCREEN_TOLERANCE * (1 if x.device.type == "cpu" else 2)
         eps = tol * x.float().norm(dim=-1) * max_norm  # [M]
-        top = s.max(-1).values.float()
-        rows, cols = (s >= (top - 2 * eps)[:, None]).nonzero(as_tuple=True)
+        cut = s.amax(0).float() - 2 * eps
+        cut = (cut - cut.abs() * 2.0 ** -7).to(torch.bfloat16)  # rounded to bf16 without exceeding the cut
+        cols, rows = (s >= cut[None, :]).nonzero(as_tuple=True)
         exact = (x[rows].to(weight.dtype) * weight[cols]).sum(-1)  # the few candidates, full precision
         best = torch.full((x.shape[0],), float("-inf"), dtype=exact.dtype, device=x.device)
         best = best.scatter_reduce(0, rows, exact, "amax")
