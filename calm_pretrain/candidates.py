@@ -11,7 +11,8 @@ candidate only matters through its full K tokens when another candidate shares t
 decoder's per-token layers act on each position alone, so the tokens are decoded position by
 position, and a candidate whose prefix no other candidate of its row shares is dropped: its chunk
 is unique, and it enters the count as a placeholder key of its own (count 1, its first-seen place
-kept). Only a chosen placeholder is decoded to the end (:func:`complete`). The choice is the one the
+kept). Identical latents (a deterministic head's samples) are decoded once and counted as many times
+as they occur. Only a chosen placeholder is decoded to the end (:func:`complete`). The choice is the one the
 full decoding would make with the same uniform draw.
 
 An AE without ``decoder.chunk_states`` / ``token_argmax`` (any object with ``decode``) is decoded
@@ -34,15 +35,30 @@ def decode_chunks(ae, z: torch.Tensor) -> torch.Tensor:
 
 
 class Unique:
-    """The key of a candidate whose chunk no other candidate of its row has (not decoded to the end)."""
+    """The key of a candidate whose chunk no other candidate of its row has (not decoded to the end):
+    candidate ``index`` of its row, the distinct latent ``latent`` it is, its tokens decoded so far."""
 
-    __slots__ = ("index", "prefix")
+    __slots__ = ("index", "latent", "prefix")
 
-    def __init__(self, index: int, prefix: tuple):
-        self.index, self.prefix = index, prefix
+    def __init__(self, index: int, latent: int, prefix: tuple):
+        self.index, self.latent, self.prefix = index, latent, prefix
 
     def __repr__(self) -> str:
         return f"Unique({self.index}, {self.prefix})"
+
+
+def _distinct_latents(z: torch.Tensor):
+    """z [R, N, d] → (the distinct latents of each row [C, d], row of each [C], how many candidates
+    each is [C], which one each candidate is [R][N]). Identical candidates (a deterministic head)
+    are decoded once."""
+    r, n, d = z.shape
+    flat = z.reshape(r * n, d)
+    tagged = torch.cat([torch.arange(r, device=z.device, dtype=torch.float64).repeat_interleave(n)[:, None],
+                        flat.to(torch.float64)], 1)
+    uniq, inverse, counts = torch.unique(tagged, dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((len(uniq),), r * n, dtype=torch.long, device=z.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(r * n, device=z.device), "amin")
+    return flat[first], uniq[:, 0].long().tolist(), counts.tolist(), inverse.reshape(r, n).tolist()
 
 
 def _prunable(ae) -> bool:
@@ -58,23 +74,24 @@ def candidate_keys(ae, z: torch.Tensor) -> tuple[list[list], object]:
             tokens = ae.decode(z.unsqueeze(-2)).argmax(-1).tolist()  # [R, N, K]
         return [[tuple(c) for c in row] for row in tokens], None
     with record_function("generate.decode"):
-        x = ae.decoder.chunk_states(z)  # [R, N, K, H]
-    k = x.shape[2]
-    prefixes = [[()] * n for _ in range(r)]
-    alive = [(i, c) for i in range(r) for c in range(n)]
-    for j in range(k):
+        latents, row_of, mult, which = _distinct_latents(z)
+        x = ae.decoder.chunk_states(latents)  # [C, K, H]
+    prefixes = [()] * len(latents)
+    alive = list(range(len(latents)))
+    for j in range(x.shape[1]):
         if not alive:
             break
         with record_function("generate.decode"):
-            idx = torch.tensor(alive, device=x.device)
-            tok = ae.token_argmax(x[idx[:, 0], idx[:, 1], j]).tolist()
+            tok = ae.token_argmax(x[torch.tensor(alive, device=x.device), j]).tolist()
         with record_function("generate.choose"):
-            for (i, c), t in zip(alive, tok):
-                prefixes[i][c] = prefixes[i][c] + (t,)
-            counts = Counter((i, prefixes[i][c]) for i, c in alive)
-            alive = [(i, c) for i, c in alive if counts[(i, prefixes[i][c])] >= 2]
-    shared = set(alive)  # decoded to the end and shared with another candidate of the row
-    keys = [[p if (i, c) in shared else Unique(c, p) for c, p in enumerate(row)] for i, row in enumerate(prefixes)]
+            for c, t in zip(alive, tok):
+                prefixes[c] = prefixes[c] + (t,)
+            counts = Counter()
+            for c in alive:
+                counts[row_of[c], prefixes[c]] += mult[c]
+            alive = [c for c in alive if counts[row_of[c], prefixes[c]] >= 2]
+    shared = set(alive)  # decoded to the end and shared by two or more candidates of the row
+    keys = [[prefixes[c] if c in shared else Unique(i, c, prefixes[c]) for i, c in enumerate(row)] for row in which]
     return keys, x
 
 
@@ -82,12 +99,12 @@ def complete(ae, state, picks: list[tuple[int, object]]) -> list[tuple]:
     """The K tokens of each chosen key: picks [(row, key)] → tuples (every Unique's missing positions
     decoded together, in one pass over the output projection)."""
     out = [key.prefix if isinstance(key, Unique) else key for _, key in picks]
-    todo = [(slot, row, key.index, j) for slot, (row, key) in enumerate(picks) if isinstance(key, Unique)
-            for j in range(len(key.prefix), state.shape[2])]
+    todo = [(slot, key.latent, j) for slot, (_, key) in enumerate(picks) if isinstance(key, Unique)
+            for j in range(len(key.prefix), state.shape[1])]
     if todo:
         with record_function("generate.decode"):
-            rows, cands, pos = (torch.tensor(col, device=state.device) for col in list(zip(*todo))[1:])
-            tokens = ae.token_argmax(state[rows, cands, pos]).tolist()
+            latent, pos = (torch.tensor(col, device=state.device) for col in list(zip(*todo))[1:])
+            tokens = ae.token_argmax(state[latent, pos]).tolist()
         for (slot, *_), tok in zip(todo, tokens):  # in position order within each slot
             out[slot] = out[slot] + (tok,)
     return out
