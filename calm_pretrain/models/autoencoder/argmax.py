@@ -4,7 +4,8 @@ The AE decoder's output projection is the largest matrix a CALM reads per genera
 128257 × 512 for the published AE). Only the argmax of its logits is used, so it is screened in
 bfloat16 and verified in full precision:
 
-1. s = bf16(x) · bf16(W)ᵀ — half the bytes of W, and the CPU's AMX / the GPU's tensor cores.
+1. s = bf16(x) · bf16(W)ᵀ — half the bytes of W, and the CPU's AMX / the GPU's tensor cores (on the
+   CPU in blocks of the vocabulary, each reduced while it is in cache: :func:`_screen`).
 2. Every exact logit l_v = x · w_v lies within ε = C · ‖x‖ · max_v ‖w_v‖ of s_v, with C = 2⁻⁶ above
    the rounding of both operands to bf16 (2·2⁻⁸ + 2⁻¹⁶ relative to Σ|x_i w_iv| ≤ ‖x‖‖w_v‖, Cauchy–
    Schwarz), of the bf16 output (2⁻⁸), and of fp32 accumulation (n·2⁻²⁴ with n = H ≤ 4096) together
@@ -50,15 +51,38 @@ class ScreenedArgmax:
         if weight.dtype in (torch.bfloat16, torch.float16) or weight.numel() < MIN_SCREENED or x.shape[0] == 0:
             return F.linear(x.to(weight.dtype), weight).argmax(-1).reshape(lead)
         low, max_norm = self._prepare(weight)
-        s = torch.mm(low, x.to(torch.bfloat16).t())  # [V, M] bf16 (W · xᵀ: the faster GEMM layout for few rows)
         tol = SCREEN_TOLERANCE * (1 if x.device.type == "cpu" else 2)
-        eps = tol * x.float().norm(dim=-1) * max_norm  # [M]
-        cut = s.amax(0).float() - 2 * eps
-        cut = (cut - cut.abs() * 2.0 ** -7).to(torch.bfloat16)  # rounded to bf16 without exceeding the cut
-        cols, rows = (s >= cut[None, :]).nonzero(as_tuple=True)
+        eps2 = 2 * tol * x.float().norm(dim=-1) * max_norm  # [M]: the window below the top
+        rows, cols = _screen(low, x, eps2)
         exact = (x[rows].to(weight.dtype) * weight[cols]).sum(-1)  # the few candidates, full precision
         best = torch.full((x.shape[0],), float("-inf"), dtype=exact.dtype, device=x.device)
         best = best.scatter_reduce(0, rows, exact, "amax")
         winner = torch.where(exact == best[rows], cols, torch.full_like(cols, weight.shape[0]))
         first = torch.full((x.shape[0],), weight.shape[0], dtype=cols.dtype, device=x.device)
         return first.scatter_reduce(0, rows, winner, "amin").reshape(lead)  # lowest index on a tie, as argmax
+
+
+def _bf16_below(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32) rounded to bf16 without exceeding it (bf16 rounds to nearest, within 2⁻⁸ relative)."""
+    return (t - t.abs() * 2.0 ** -7).to(torch.bfloat16)
+
+
+def _screen(low: torch.Tensor, x: torch.Tensor, eps2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of every (x row, vocabulary entry) whose bf16 logit is within eps2 of its row's top.
+
+    On the CPU the vocabulary goes in blocks of about 2¹⁹ logits (in cache while they are read): each
+    block keeps what is within eps2 of the running top, a cut below the final one, so nothing is lost,
+    and the survivors are cut again at the end. Elsewhere, one block."""
+    m, v = x.shape[0], low.shape[0]
+    block = max(1024, (1 << 19) // m) if x.device.type == "cpu" else v
+    xt = x.to(torch.bfloat16).t()
+    top = torch.full((m,), float("-inf"), device=x.device)
+    found = []
+    for start in range(0, v, block):
+        s = torch.mm(low[start:start + block], xt)  # [block, M] (W · xᵀ: the faster GEMM layout for few rows)
+        top = torch.maximum(top, s.amax(0).float())
+        cols, rows = (s >= _bf16_below(top - eps2)[None, :]).nonzero(as_tuple=True)
+        found.append((rows, cols + start, s[cols, rows]))
+    rows, cols, vals = (torch.cat(parts) for parts in zip(*found))
+    keep = vals >= _bf16_below(top - eps2)[rows]
+    return rows[keep], cols[keep]
