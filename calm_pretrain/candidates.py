@@ -21,6 +21,7 @@ in full.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Optional, Sequence
 
 import torch
 from torch.profiler import record_function
@@ -65,10 +66,11 @@ def _prunable(ae) -> bool:
     return hasattr(ae, "token_argmax") and hasattr(getattr(ae, "decoder", None), "chunk_states")
 
 
-def candidate_keys(ae, z: torch.Tensor) -> tuple[list[list], object]:
+def candidate_keys(ae, z: torch.Tensor, ahead: Optional[Sequence[int]] = None) -> tuple[list[list], object]:
     """z [R, N, d] (N candidate latents for each of R rows) → (keys: per row N entries, a K-token
-    tuple or a :class:`Unique`; the state :func:`complete` needs)."""
-    r, n = z.shape[:2]
+    tuple or a :class:`Unique`; the state :func:`complete` needs). ``ahead[i]``: a candidate of row i
+    decoded to the end in the first pass (the one chosen if all of the row's chunks are unique, which
+    then needs no pass of its own)."""
     if not _prunable(ae):
         with record_function("generate.decode"):
             tokens = ae.decode(z.unsqueeze(-2)).argmax(-1).tolist()  # [R, N, K]
@@ -76,22 +78,32 @@ def candidate_keys(ae, z: torch.Tensor) -> tuple[list[list], object]:
     with record_function("generate.decode"):
         latents, row_of, mult, which = _distinct_latents(z)
         x = ae.decoder.chunk_states(latents)  # [C, K, H]
+    k = x.shape[1]
+    early = sorted({which[i][c] for i, c in enumerate(ahead or ())}) if k > 1 else []
+    rest: dict[int, tuple] = {}  # distinct latent → its tokens 1..K-1, decoded with position 0
     prefixes = [()] * len(latents)
     alive = list(range(len(latents)))
-    for j in range(x.shape[1]):
+    for j in range(k):
         if not alive:
             break
+        need = [c for c in alive if c not in rest]
         with record_function("generate.decode"):
-            tok = ae.token_argmax(x[torch.tensor(alive, device=x.device), j]).tolist()
+            rows = x[torch.tensor(need, dtype=torch.long, device=x.device), j]
+            if j == 0 and early:
+                rows = torch.cat([rows, x[torch.tensor(early, dtype=torch.long, device=x.device), 1:].reshape(-1, x.shape[-1])])
+            tok = ae.token_argmax(rows).tolist() if len(rows) else []
         with record_function("generate.choose"):
-            for c, t in zip(alive, tok):
-                prefixes[c] = prefixes[c] + (t,)
+            tail, tok = tok[len(need):], iter(tok[:len(need)])
+            rest.update((c, tuple(tail[e * (k - 1):(e + 1) * (k - 1)])) for e, c in enumerate(early) if j == 0)
+            for c in alive:
+                prefixes[c] = prefixes[c] + ((rest[c][j - 1],) if j and c in rest else (next(tok),))
             counts = Counter()
             for c in alive:
                 counts[row_of[c], prefixes[c]] += mult[c]
             alive = [c for c in alive if counts[row_of[c], prefixes[c]] >= 2]
     shared = set(alive)  # decoded to the end and shared by two or more candidates of the row
-    keys = [[prefixes[c] if c in shared else Unique(i, c, prefixes[c]) for i, c in enumerate(row)] for row in which]
+    known = [p + rest[c][len(p) - 1:] if c in rest else p for c, p in enumerate(prefixes)]
+    keys = [[known[c] if c in shared else Unique(i, c, known[c]) for i, c in enumerate(row)] for row in which]
     return keys, x
 
 

@@ -246,10 +246,11 @@ def _batch_step(calm, ae, h: torch.Tensor, n: int, num_draws: int, done: torch.T
     if num_draws == 1:  # T = 1: the one candidate is the choice
         return decode_chunks(ae, z[:, 0])
     live = (~done).nonzero().flatten().tolist()
-    keys, state = candidate_keys(ae, z[live])
+    u = u[live].tolist()
+    if_all_unique = [batch_temperature_choice(range(num_draws), n, x) for x in u]  # the choice among N distinct
+    keys, state = candidate_keys(ae, z[live], ahead=if_all_unique)
     with record_function("generate.choose"):
-        picks = [(i, batch_temperature_choice(row_keys, n, x))
-                 for i, (row_keys, x) in enumerate(zip(keys, u[live].tolist()))]
+        picks = [(i, batch_temperature_choice(row_keys, n, x)) for i, (row_keys, x) in enumerate(zip(keys, u))]
     chunk = torch.zeros(h.shape[0], calm.k, dtype=torch.long, device=h.device)
     if live:
         chunk[live] = torch.tensor(complete(ae, state, picks), device=h.device)

@@ -69,9 +69,11 @@ def test_candidate_keys_choose_what_the_full_count_chooses(monkeypatch, vocab, h
     with torch.no_grad():
         z = calm.head.sample(h, 40, generator=g)
         full = [[tuple(c) for c in row] for row in ae.decode(z.unsqueeze(-2)).argmax(-1).tolist()]
-        keys, state = candidate_keys(ae, z)
-    if head_std == 0:  # a constant head: 40 identical latents per row, each row's decoded once per position
-        assert decoded_rows == [3] * 4
+        keys, state = candidate_keys(ae, z, ahead=[0, 17, 39])
+    if head_std == 0:  # a constant head: 40 identical latents per row, each row's one latent decoded once,
+        assert decoded_rows == [3 * 4]  # all K positions in the first pass (it is the one decoded ahead)
+    for row_keys, c in zip(keys, [0, 17, 39]):
+        assert len(row_keys[c].prefix if isinstance(row_keys[c], Unique) else row_keys[c]) == 4  # all K known
     for row_full, row_keys in zip(full, keys):
         counts = Counter(row_full)
         for f, key in zip(row_full, row_keys):
