@@ -49,17 +49,23 @@ class Unique:
 
 
 def _distinct_latents(z: torch.Tensor):
-    """z [R, N, d] → (the distinct latents of each row [C, d], row of each [C], how many candidates
-    each is [C], which one each candidate is [R][N]). Identical candidates (a deterministic head)
-    are decoded once."""
+    """z [R, N, d] → (the distinct latents of each row [C, d] in first-seen order, row of each [C],
+    how many candidates each is [C], which one each candidate is [R][N]). Identical candidates (a
+    deterministic head) are decoded once."""
     r, n, d = z.shape
     flat = z.reshape(r * n, d)
-    tagged = torch.cat([torch.arange(r, device=z.device, dtype=torch.float64).repeat_interleave(n)[:, None],
-                        flat.to(torch.float64)], 1)
-    uniq, inverse, counts = torch.unique(tagged, dim=0, return_inverse=True, return_counts=True)
-    first = torch.full((len(uniq),), r * n, dtype=torch.long, device=z.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(r * n, device=z.device), "amin")
-    return flat[first], uniq[:, 0].long().tolist(), counts.tolist(), inverse.reshape(r, n).tolist()
+    _, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    index: dict[tuple[int, int], int] = {}
+    first, row_of, mult, which = [], [], [], [[0] * n for _ in range(r)]
+    for i, same in enumerate(inverse.tolist()):
+        c = index.setdefault((i // n, same), len(first))
+        if c == len(first):
+            first.append(i)
+            row_of.append(i // n)
+            mult.append(0)
+        mult[c] += 1
+        which[i // n][i % n] = c
+    return flat[torch.tensor(first, device=z.device)], row_of, mult, which
 
 
 def _prunable(ae) -> bool:

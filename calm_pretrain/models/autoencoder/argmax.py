@@ -15,8 +15,8 @@ bfloat16 and verified in full precision:
 
 The result is the argmax of the full-precision logits up to the rounding of the dot products
 themselves (two orders of summation can differ in the last bit, which matters only for exact
-ties). A bf16 (or fp16) weight has nothing to screen, and a small one (under ``MIN_SCREENED``
-elements) is not worth it: their logits are computed directly.
+ties). A bf16 (or fp16) weight has nothing to screen, a small one (under ``MIN_SCREENED``
+elements) is not worth it, nor is a CPU without fast bf16 GEMMs: their logits are computed directly.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class ScreenedArgmax:
         """x [..., H] → argmax_v (x · w_v) [...] (long)."""
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        if weight.dtype in (torch.bfloat16, torch.float16) or weight.numel() < MIN_SCREENED or x.shape[0] == 0:
+        if not _worth_screening(weight) or x.shape[0] == 0:
             return F.linear(x.to(weight.dtype), weight).argmax(-1).reshape(lead)
         low, max_norm = self._prepare(weight)
         tol = SCREEN_TOLERANCE * (1 if x.device.type == "cpu" else 2)
@@ -60,6 +60,14 @@ class ScreenedArgmax:
         winner = torch.where(exact == best[rows], cols, torch.full_like(cols, weight.shape[0]))
         first = torch.full((x.shape[0],), weight.shape[0], dtype=cols.dtype, device=x.device)
         return first.scatter_reduce(0, rows, winner, "amin").reshape(lead)  # lowest index on a tie, as argmax
+
+
+def _worth_screening(weight: torch.Tensor) -> bool:
+    """An fp32/fp64 weight of at least MIN_SCREENED elements, on a device with fast bf16 GEMMs (on the
+    CPU: oneDNN's bf16 support, AVX512-BF16 or AMX; without it bf16 is emulated and slower)."""
+    if weight.dtype not in (torch.float32, torch.float64) or weight.numel() < MIN_SCREENED:
+        return False
+    return weight.device.type != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _bf16_below(t: torch.Tensor) -> torch.Tensor:
