@@ -17,8 +17,8 @@ is disabled so every run generates exactly --tokens tokens), with the KV cache, 
 CALM head's output layer, zero at init (every sample the same), gets a random init so that
 candidates differ. Every variant — the Transformer at the first temperature, CALM at each of
 --temperatures, and with --reference CALM's one-row-at-a-time loop (calm_pretrain/sampling_reference.py,
-the code before issue 18) at each — runs once per round, in turn, for --rounds rounds; medians are
-reported. Then each CALM variant runs once more under torch.profiler: the time per step in the
+the code before issue 18) at each — runs once per round, in turn (the order rotated each round), for
+--rounds rounds; medians are reported. Then each CALM variant runs once more under torch.profiler: the time per step in the
 generation loop's labelled sections (generate.embed: re-embedding the chosen chunk, .backbone,
 .head, .decode: the AE decoder, .choose: the sampler's bookkeeping; the reference labels embedding
 and backbone together), the rest of the step as "other". At T < 1 the decoder's cost depends on
@@ -71,13 +71,16 @@ def variants(args, calm, ae, tr, prompt) -> dict:
 
 
 def timed_rounds(fns: dict, rounds: int, per: int) -> dict:
-    """Each function once per round, in turn; median seconds per generated token."""
+    """Each function once per round, in turn, the order rotated by one each round (so that no variant
+    always runs after the same one, with its weights still in cache); median seconds per token."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm-up
+    names = list(fns)
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-        for name, fn in fns.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) / per)
