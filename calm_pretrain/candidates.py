@@ -12,8 +12,9 @@ decoder's per-token layers act on each position alone, so the tokens are decoded
 position, and a candidate whose prefix no other candidate of its row shares is dropped: its chunk
 is unique, and it enters the count as a placeholder key of its own (count 1, its first-seen place
 kept). Identical latents (a deterministic head's samples) are decoded once and counted as many times
-as they occur. Only a chosen placeholder is decoded to the end (:func:`complete`). The choice is the one the
-full decoding would make with the same uniform draw.
+as they occur. Only a chosen placeholder is decoded to the end (:func:`complete`), and the one the
+uniform picks if every chunk is unique is decoded to the end in the first pass already (``ahead``).
+The choice is the one the full decoding would make with the same uniform draw.
 
 An AE without ``decoder.chunk_states`` / ``token_argmax`` (any object with ``decode``) is decoded
 in full.
