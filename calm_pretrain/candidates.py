@@ -97,7 +97,8 @@ def candidate_keys(ae, z: torch.Tensor, ahead: Optional[Sequence[int]] = None) -
         with record_function("generate.decode"):
             rows = x[torch.tensor(need, dtype=torch.long, device=x.device), j]
             if j == 0 and early:
-                rows = torch.cat([rows, x[torch.tensor(early, dtype=torch.long, device=x.device), 1:].reshape(-1, x.shape[-1])])
+                ahead_rows = x[torch.tensor(early, dtype=torch.long, device=x.device), 1:]
+                rows = torch.cat([rows, ahead_rows.reshape(-1, x.shape[-1])])
             tok = ae.token_argmax(rows).tolist() if len(rows) else []
         with record_function("generate.choose"):
             tail, tok = tok[len(need):], iter(tok[:len(need)])

@@ -16,13 +16,14 @@ Models are freshly initialised (speed does not depend on the weights, except whe
 is disabled so every run generates exactly --tokens tokens), with the KV cache, batch --batch. The
 CALM head's output layer, zero at init (every sample the same), gets a random init so that
 candidates differ. Every variant — the Transformer at the first temperature, CALM at each of
---temperatures, and with --reference CALM's one-row-at-a-time loop (calm_pretrain/sampling_reference.py,
-the code before issue 18) at each — runs once per round, in turn (the order rotated each round), for
---rounds rounds; medians are reported. Then each CALM variant runs once more under torch.profiler: the time per step in the
-generation loop's labelled sections (generate.embed: re-embedding the chosen chunk, .backbone,
-.head, .decode: the AE decoder, .choose: the sampler's bookkeeping; the reference labels embedding
-and backbone together), the rest of the step as "other". At T < 1 the decoder's cost depends on
-how often candidates agree (calm_pretrain/candidates.py), so with random weights it is a best case.
+--temperatures, and with --reference CALM's one-row-at-a-time loop
+(calm_pretrain/sampling_reference.py, the code before issue 18) at each — runs once per round, in
+turn (the order rotated each round), for --rounds rounds; medians are reported. Then each CALM
+variant runs once more under torch.profiler: the time per step in the generation loop's labelled
+sections (generate.embed: re-embedding the chosen chunk, .backbone, .head, .decode: the AE decoder,
+.choose: the sampler's bookkeeping; the reference labels embedding and backbone together), the rest
+of the step as "other". At T < 1 the decoder's cost depends on how often candidates agree
+(calm_pretrain/candidates.py), so with random weights it is a best case.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ bfloat16 and verified in full precision:
 2. Every exact logit l_v = x · w_v lies within ε = C · ‖x‖ · max_v ‖w_v‖ of s_v, with C = 2⁻⁶ above
    the rounding of both operands to bf16 (2·2⁻⁸ + 2⁻¹⁶ relative to Σ|x_i w_iv| ≤ ‖x‖‖w_v‖, Cauchy–
    Schwarz), of the bf16 output (2⁻⁸), and of fp32 accumulation (H·2⁻²⁴: 2.4·10⁻⁴ at H = 4096)
-   together (≈ 0.012; C covers H up to about 60,000). Off the CPU, C is doubled: a GPU GEMM may round split-K partial sums to bf16 too.
+   together (≈ 0.012; C covers H up to about 60,000). Off the CPU, C is doubled: a GPU GEMM may
+   round split-K partial sums to bf16 too.
    So the true argmax is among {v : s_v ≥ max(s) − 2ε}.
 3. Those few logits are recomputed in the weight's own precision, and their argmax is returned.
 
