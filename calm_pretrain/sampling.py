@@ -260,8 +260,9 @@ def _batch_step(calm, ae, h: torch.Tensor, n: int, num_draws: int, done: torch.T
 def exact_chunk(calm, ae, h: torch.Tensor, temperature: float, generator) -> tuple:
     """One chunk from the exact sampler: each draw is one head sample of hidden state h [H], decoded."""
     def draw() -> tuple:
-        z = calm.head.sample(h[None], 1, generator=generator)  # [1, 1, d]
-        return tuple(ae.decode(z.unsqueeze(-2)).argmax(-1)[0, 0].tolist())
+        with record_function("generate.head"):
+            z = calm.head.sample(h[None], 1, generator=generator)  # [1, 1, d]
+        return tuple(decode_chunks(ae, z[0, 0]).tolist())
     return exact_temperature_sample(draw, temperature, generator)
 
 

@@ -13,8 +13,9 @@ from typing import Callable, Optional
 import torch
 from torch.profiler import record_function
 
-from calm_pretrain.sampling import (as_batch, batch_temperature_sample, exact_chunk, finish_generation,
-                                    inverse_temperature, split_inverse_temperature, truncate_after_eos)
+from calm_pretrain.sampling import (as_batch, batch_temperature_sample, exact_temperature_sample,
+                                    finish_generation, inverse_temperature, split_inverse_temperature,
+                                    truncate_after_eos)
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def reference_generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperatu
         if sampler == "exact":
             for row in range(b):
                 if not done[row]:
-                    chunk[row] = torch.tensor(exact_chunk(calm, ae, h[row], temperature, generator), device=device)
+                    chunk[row] = torch.tensor(_exact_chunk(calm, ae, h[row], temperature, generator), device=device)
         else:
             with record_function("generate.head"):
                 z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
@@ -79,3 +80,11 @@ def reference_generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperatu
     new = torch.cat(new_chunks, 1)[:, :max_new_tokens] if new_chunks else ids[:, :0]
     out = torch.cat([ids, truncate_after_eos(new, eos_id, pad_id)], 1)
     return finish_generation(out, pad_id, single)
+
+
+def _exact_chunk(calm, ae, h: torch.Tensor, temperature: float, generator) -> tuple:
+    """One chunk from the exact sampler: each draw is one head sample of hidden state h [H], decoded."""
+    def draw() -> tuple:
+        z = calm.head.sample(h[None], 1, generator=generator)  # [1, 1, d]
+        return tuple(ae.decode(z.unsqueeze(-2)).argmax(-1)[0, 0].tolist())
+    return exact_temperature_sample(draw, temperature, generator)

@@ -114,3 +114,15 @@ def test_generation_with_eos_matches_the_reference_loop(monkeypatch):
             got = generate_calm(calm, ae, prompt, generator=torch.Generator().manual_seed(seed), **kw)
             want = reference_generate_calm(calm, ae, prompt, generator=torch.Generator().manual_seed(seed), **kw)
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("temperature", [0.5])
+def test_exact_sampler_matches_the_reference_loop(monkeypatch, temperature):
+    monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", 0)
+    calm, ae = _pair(4, 0.05)  # 4 tokens and a narrow head: draws agree often enough to accept soon
+    prompts = torch.randint(3, 4, (2, 4), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=8, temperature=temperature, sampler="exact", eos_id=-1)
+    got = generate_calm(calm, ae, prompts, generator=torch.Generator().manual_seed(4), **kw)
+    want = reference_generate_calm(calm, ae, prompts, generator=torch.Generator().manual_seed(4), **kw)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
