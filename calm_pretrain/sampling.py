@@ -19,6 +19,9 @@ from collections import Counter
 from typing import Callable, Hashable, Optional, Sequence, Union
 
 import torch
+from torch.profiler import record_function
+
+from calm_pretrain.candidates import candidate_keys, complete, decode_chunks
 
 Rng = Union[torch.Generator, random.Random, None]
 
@@ -31,7 +34,7 @@ def _uniform(rng: Rng) -> float:
     return float(torch.rand((), generator=rng, device=device, dtype=torch.float64))
 
 
-def _split_inverse_temperature(temperature: float, tol: float = 1e-9) -> tuple[int, float]:
+def split_inverse_temperature(temperature: float, tol: float = 1e-9) -> tuple[int, float]:
     """1/T → (n, α) with 1/T = n + α, n ≥ 1, 0 ≤ α < 1 (α snapped to 0 near an integer)."""
     if not (0.0 < temperature <= 1.0):
         raise ValueError(f"temperature must be in (0, 1] for likelihood-free sampling, got {temperature}")
@@ -84,7 +87,7 @@ def exact_temperature_sample(sampler: Callable[[], Hashable], temperature: float
     accepted x has probability ∝ P(x)^n · P(x)^α. ``rng`` drives only the factory's coin; the
     sampler owns its own randomness. Raises RuntimeError after ``max_draws`` calls to the sampler.
     """
-    n, alpha = _split_inverse_temperature(temperature)
+    n, alpha = split_inverse_temperature(temperature)
     draw = _DrawBudget(sampler, max_draws)
     while True:
         x = draw()
@@ -103,11 +106,17 @@ def batch_temperature_sample(candidates: Sequence[Hashable], n: int, rng: Rng = 
     eligible and one is chosen with probability ∝ C(count, m), stopping at the first non-empty m.
     C(count, n) counts the n-subsets of candidates that agree — the batch analogue of "n draws all
     equal" — so as N grows the choice tends to P^n / Z. n = 1 picks ∝ count (one plain sample).
+    One uniform is drawn from ``rng`` (:func:`batch_temperature_choice` takes it given).
     """
     if n < 1:
         raise ValueError(f"n = 1/T must be a positive integer, got {n}")
     if not candidates:
         raise ValueError("no candidates to choose from")
+    return batch_temperature_choice(candidates, n, _uniform(rng))
+
+
+def batch_temperature_choice(candidates: Sequence[Hashable], n: int, u: float) -> Hashable:
+    """:func:`batch_temperature_sample` with its uniform draw u ∈ [0, 1) given."""
     counts = Counter(candidates)
     outcomes = list(counts)  # first-seen order: deterministic given the candidates
     for m in range(n, 0, -1):
@@ -115,18 +124,18 @@ def batch_temperature_sample(candidates: Sequence[Hashable], n: int, rng: Rng = 
         total = sum(weights)
         if total == 0:
             continue
-        target = _uniform(rng) * total
+        target = u * total
         acc = 0.0
         for x, w in zip(outcomes, weights):
             acc += w
             if target < acc and w > 0:
                 return x
         return next(x for x, w in zip(reversed(outcomes), reversed(weights)) if w > 0)  # rounding guard
-    raise AssertionError("unreachable: m = 1 always has an eligible outcome")
+    raise ValueError("no candidates to choose from")
 
 
-def _inverse_temperature(temperature: float) -> int:
-    n, alpha = _split_inverse_temperature(temperature)
+def inverse_temperature(temperature: float) -> int:
+    n, alpha = split_inverse_temperature(temperature)
     if alpha:
         raise ValueError(f"batch temperature sampling needs T = 1/n for an integer n, got T = {temperature}")
     return n
@@ -135,7 +144,7 @@ def _inverse_temperature(temperature: float) -> int:
 # --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------
-def _as_batch(prompt_ids) -> tuple[torch.Tensor, bool]:
+def as_batch(prompt_ids) -> tuple[torch.Tensor, bool]:
     ids = torch.as_tensor(prompt_ids)
     if ids.dim() == 1:
         return ids[None], True
@@ -144,13 +153,13 @@ def _as_batch(prompt_ids) -> tuple[torch.Tensor, bool]:
     return ids, False
 
 
-def _finish(ids: torch.Tensor, pad_id: int, single: bool):
+def finish_generation(ids: torch.Tensor, pad_id: int, single: bool):
     """Strip every pad token; rows may then differ in length, so a batch becomes a list."""
     rows = [row[row != pad_id] for row in ids]
     return rows[0] if single else rows
 
 
-def _truncate_after_eos(new: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+def truncate_after_eos(new: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
     """Replace everything after the first EOS of each row of generated tokens [B, L] by pad."""
     is_eos = new == eos_id
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
@@ -173,6 +182,13 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
     stopped or ``max_new_tokens`` is reached. Pads are stripped from the returned prompt +
     continuation (a tensor for a 1-D prompt, else a list). ``on_chunk(chunk [B, K])`` sees each step's
     chunk as it is chosen (streaming).
+
+    Per step, all rows go through the head in one call and the AE decoder in one batched pass; at
+    T = 1 nothing is read back to the host but the all-rows-stopped flag. At T < 1 only what the
+    count can depend on is decoded (calm_pretrain/candidates.py). Random numbers per step: the head's
+    noise for every row, then one uniform per row (also at T = 1, where it is not needed, so that a
+    seed gives what it gave before), the same draws as the one-row-at-a-time loop
+    (calm_pretrain/sampling_reference.py) while no row has stopped.
     """
     k = calm.k
     cfg = calm.config
@@ -180,11 +196,11 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
     if sampler not in ("batch", "exact"):
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
-    n = _inverse_temperature(temperature) if sampler == "batch" else _split_inverse_temperature(temperature)[0]
+    n = inverse_temperature(temperature) if sampler == "batch" else split_inverse_temperature(temperature)[0]
     num_draws = 1 if n == 1 or sampler == "exact" else num_candidates
     device = next(calm.parameters()).device
 
-    ids, single = _as_batch(prompt_ids)
+    ids, single = as_batch(prompt_ids)
     ids = ids.to(device)
     b = ids.shape[0]
     if ids.shape[1] == 0:
@@ -197,23 +213,18 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
     done = torch.zeros(b, dtype=torch.bool, device=device)
     feed = ids  # what the cached path still has to read
     for _ in range(-(-max_new_tokens // k)):
-        if use_cache:
-            h = calm.hidden_states(feed, cache)[:, -1]
-        else:
-            h = calm.hidden_states(torch.cat([ids, *new_chunks], 1))[:, -1]
-        chunk = ids.new_full((b, k), pad_id)
+        with record_function("generate.embed"):  # the prompt, then each step's chosen chunk
+            e = calm.embed_chunks(feed if use_cache else torch.cat([ids, *new_chunks], 1))
+        with record_function("generate.backbone"):
+            h = calm.transformer(e, cache)[:, -1]
         if sampler == "exact":
+            chunk = ids.new_full((b, k), pad_id)
             for row in range(b):
                 if not done[row]:
-                    chunk[row] = torch.tensor(_exact_chunk(calm, ae, h[row], temperature, generator), device=device)
+                    chunk[row] = torch.tensor(exact_chunk(calm, ae, h[row], temperature, generator), device=device)
         else:
-            z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
-            tokens = ae.decode(z.unsqueeze(-2)).argmax(-1)  # [B, N, K]
-            for row in range(b):
-                if done[row]:
-                    continue  # finished rows are padded, and stripped at the end
-                cands = [tuple(c) for c in tokens[row].tolist()]
-                chunk[row] = torch.tensor(batch_temperature_sample(cands, n, generator), device=device)
+            chunk = _batch_step(calm, ae, h, n, num_draws, done, generator).to(ids.dtype)
+            chunk = chunk.masked_fill(done[:, None], pad_id)  # finished rows are padded, stripped at the end
         new_chunks.append(chunk)
         if on_chunk is not None:
             on_chunk(chunk)
@@ -223,15 +234,35 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
             break
 
     new = torch.cat(new_chunks, 1)[:, :max_new_tokens] if new_chunks else ids[:, :0]
-    out = torch.cat([ids, _truncate_after_eos(new, eos_id, pad_id)], 1)
-    return _finish(out, pad_id, single)
+    out = torch.cat([ids, truncate_after_eos(new, eos_id, pad_id)], 1)
+    return finish_generation(out, pad_id, single)
 
 
-def _exact_chunk(calm, ae, h: torch.Tensor, temperature: float, generator) -> tuple:
+def _batch_step(calm, ae, h: torch.Tensor, n: int, num_draws: int, done: torch.Tensor, generator) -> torch.Tensor:
+    """One step of the batch sampler for every row: h [B, H] → chunk [B, K] (rows in ``done``: anything)."""
+    with record_function("generate.head"):
+        z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
+    u = torch.rand(h.shape[0], generator=generator, device=h.device, dtype=torch.float64)
+    if num_draws == 1:  # T = 1: the one candidate is the choice
+        return decode_chunks(ae, z[:, 0])
+    live = (~done).nonzero().flatten().tolist()
+    u = u[live].tolist()
+    if_all_unique = [batch_temperature_choice(range(num_draws), n, x) for x in u]  # the choice among N distinct
+    keys, state = candidate_keys(ae, z[live], ahead=if_all_unique)
+    with record_function("generate.choose"):
+        picks = [(i, batch_temperature_choice(row_keys, n, x)) for i, (row_keys, x) in enumerate(zip(keys, u))]
+    chunk = torch.zeros(h.shape[0], calm.k, dtype=torch.long, device=h.device)
+    if live:
+        chunk[live] = torch.tensor(complete(ae, state, picks), device=h.device)
+    return chunk
+
+
+def exact_chunk(calm, ae, h: torch.Tensor, temperature: float, generator) -> tuple:
     """One chunk from the exact sampler: each draw is one head sample of hidden state h [H], decoded."""
     def draw() -> tuple:
-        z = calm.head.sample(h[None], 1, generator=generator)  # [1, 1, d]
-        return tuple(ae.decode(z.unsqueeze(-2)).argmax(-1)[0, 0].tolist())
+        with record_function("generate.head"):
+            z = calm.head.sample(h[None], 1, generator=generator)  # [1, 1, d]
+        return tuple(decode_chunks(ae, z[0, 0]).tolist())
     return exact_temperature_sample(draw, temperature, generator)
 
 
@@ -252,7 +283,7 @@ def generate_transformer(model, prompt_ids, max_new_tokens: int, temperature: fl
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     device = next(model.parameters()).device
 
-    ids, single = _as_batch(prompt_ids)
+    ids, single = as_batch(prompt_ids)
     ids = ids.to(device)
     b = ids.shape[0]
     cache = model.new_cache() if use_cache else None
@@ -285,7 +316,7 @@ def generate_transformer(model, prompt_ids, max_new_tokens: int, temperature: fl
             break
 
     new = torch.cat(new_tokens, 1) if new_tokens else ids[:, :0]
-    return _finish(torch.cat([ids, new], 1), pad_id, single)
+    return finish_generation(torch.cat([ids, new], 1), pad_id, single)
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm_pretrain.models.autoencoder.argmax import ScreenedArgmax
 from calm_pretrain.models.autoencoder.config import AutoencoderConfig
 from calm_pretrain.losses import clipped_gaussian_kl
 from calm_pretrain.models.layers import RMSNorm, SwiGLU, init_weights
@@ -65,17 +66,26 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head_weight = embedding  # tied to the encoder's token embedding (same Parameter)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z [..., N, d] → logits [..., N·K, V]."""
-        lead, n = z.shape[:-2], z.shape[-2]
+    def chunk_states(self, z: torch.Tensor) -> torch.Tensor:
+        """z [..., N, d] → the per-token states [..., N, K, H] that enter the per-token layers."""
         x = self.latent_to_hidden(z)
         half = len(self.decoder_layers) // 2
         for layer in self.decoder_layers[:half]:  # per chunk
             x = layer(x)
-        x = self.expand_layer(x).reshape(*lead, n * self.k, self.hidden)
-        for layer in self.decoder_layers[half:]:  # per token
+        return self.expand_layer(x).reshape(*z.shape[:-1], self.k, self.hidden)
+
+    def token_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token states [..., H] → the normed features the output projection reads. Position-wise
+        (MLP layers only), so any subset of a chunk's tokens can be finished on its own."""
+        for layer in self.decoder_layers[len(self.decoder_layers) // 2:]:  # per token
             x = layer(x)
-        return F.linear(self.norm(x), self.lm_head_weight)
+        return self.norm(x)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z [..., N, d] → logits [..., N·K, V]."""
+        x = self.chunk_states(z)
+        x = x.reshape(*x.shape[:-3], x.shape[-3] * self.k, self.hidden)
+        return F.linear(self.token_features(x), self.lm_head_weight)
 
 
 @dataclass
@@ -93,6 +103,7 @@ class Autoencoder(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg, self.encoder.embed_tokens.weight)
+        self._screened = ScreenedArgmax()  # a cache (bf16 copy of the output projection), not state
         self.reset_parameters()
 
     def reset_parameters(self, param_context=None) -> None:
@@ -112,6 +123,17 @@ class Autoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Logits [..., N·K, V] of latents [..., N, d]."""
         return self.decoder(z)
+
+    def token_argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token decoder states [..., H] (from ``decoder.chunk_states``) → argmax token ids [...],
+        the output projection screened in bf16 and verified in full precision (argmax.py)."""
+        return self._screened(self.decoder.token_features(x), self.decoder.lm_head_weight)
+
+    def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """Argmax token ids [..., N·K] of latents [..., N, d]: ``decode(z).argmax(-1)`` without the
+        full-precision pass over the vocabulary (generation)."""
+        x = self.decoder.chunk_states(z)
+        return self.token_argmax(x).reshape(*z.shape[:-2], z.shape[-2] * self.k)
 
     def reconstruct(self, ids: torch.Tensor) -> torch.Tensor:
         """Argmax tokens decoded from the posterior mean."""
