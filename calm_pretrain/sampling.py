@@ -167,6 +167,28 @@ def truncate_after_eos(new: torch.Tensor, eos_id: int, pad_id: int) -> torch.Ten
 
 
 @torch.no_grad()
+def calm_generation_setup(calm, prompt_ids, temperature: float, num_candidates: int, eos_id: Optional[int],
+                          pad_id: Optional[int], sampler: str):
+    """What a CALM generation loop starts from: (K, eos id, pad id, the batch sampler's n, head draws per
+    chunk, device, the prompt as [B, T'] on the device right-padded to a multiple of K, whether it was
+    one row)."""
+    k = calm.k
+    cfg = calm.config
+    eos_id = cfg.eos_token_id if eos_id is None else eos_id
+    pad_id = cfg.pad_token_id if pad_id is None else pad_id
+    if sampler not in ("batch", "exact"):
+        raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
+    n = inverse_temperature(temperature) if sampler == "batch" else split_inverse_temperature(temperature)[0]
+    num_draws = 1 if n == 1 or sampler == "exact" else num_candidates
+    device = next(calm.parameters()).device
+    ids, single = as_batch(prompt_ids)
+    ids = ids.to(device)
+    if ids.shape[1] == 0:
+        raise ValueError("an empty prompt has no chunk to condition on")
+    ids = torch.cat([ids, ids.new_full((ids.shape[0], -ids.shape[1] % k), pad_id)], 1)
+    return k, eos_id, pad_id, n, num_draws, device, ids, single
+
+
 def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float = 0.5,
                   num_candidates: int = 200, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
                   use_cache: bool = True, generator: Optional[torch.Generator] = None, sampler: str = "batch",
@@ -190,41 +212,37 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
     seed gives what it gave before), the same draws as the one-row-at-a-time loop
     (calm_pretrain/sampling_reference.py) while no row has stopped.
     """
-    k = calm.k
-    cfg = calm.config
-    eos_id = cfg.eos_token_id if eos_id is None else eos_id
-    pad_id = cfg.pad_token_id if pad_id is None else pad_id
-    if sampler not in ("batch", "exact"):
-        raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
-    n = inverse_temperature(temperature) if sampler == "batch" else split_inverse_temperature(temperature)[0]
-    num_draws = 1 if n == 1 or sampler == "exact" else num_candidates
-    device = next(calm.parameters()).device
+    k, eos_id, pad_id, n, num_draws, device, ids, single = calm_generation_setup(
+        calm, prompt_ids, temperature, num_candidates, eos_id, pad_id, sampler)
 
-    ids, single = as_batch(prompt_ids)
-    ids = ids.to(device)
-    b = ids.shape[0]
-    if ids.shape[1] == 0:
-        raise ValueError("an empty prompt has no chunk to condition on")
-    pad_len = -ids.shape[1] % k
-    ids = torch.cat([ids, ids.new_full((b, pad_len), pad_id)], 1)
+    def step(h: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        if sampler == "exact":
+            chunk = ids.new_full((h.shape[0], k), pad_id)
+            for row in range(h.shape[0]):
+                if not done[row]:
+                    chunk[row] = torch.tensor(exact_chunk(calm, ae, h[row], temperature, generator), device=device)
+            return chunk
+        chunk = _batch_step(calm, ae, h, n, num_draws, done, generator).to(ids.dtype)
+        return chunk.masked_fill(done[:, None], pad_id)  # finished rows are padded, stripped at the end
 
+    return calm_chunk_loop(calm, ids, max_new_tokens, use_cache, step, eos_id, pad_id, single, on_chunk)
+
+
+def calm_chunk_loop(calm, ids: torch.Tensor, max_new_tokens: int, use_cache: bool, step: Callable, eos_id: int,
+                    pad_id: int, single: bool, on_chunk: Optional[Callable[[torch.Tensor], None]]):
+    """The loop a CALM sampler runs: embed the chunks not yet read (the prompt, then each chosen chunk),
+    one backbone step, `step(h [B, H], done [B]) -> chunk [B, K]` chooses the next chunk; a row is done
+    after a chunk with EOS, the loop after all rows are (read once per chunk) or max_new_tokens."""
     cache = calm.new_cache() if use_cache else None
     new_chunks: list[torch.Tensor] = []
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     feed = ids  # what the cached path still has to read
-    for _ in range(-(-max_new_tokens // k)):
-        with record_function("generate.embed"):  # the prompt, then each step's chosen chunk
+    for _ in range(-(-max_new_tokens // calm.k)):
+        with record_function("generate.embed"):
             e = calm.embed_chunks(feed if use_cache else torch.cat([ids, *new_chunks], 1))
         with record_function("generate.backbone"):
             h = calm.transformer(e, cache)[:, -1]
-        if sampler == "exact":
-            chunk = ids.new_full((b, k), pad_id)
-            for row in range(b):
-                if not done[row]:
-                    chunk[row] = torch.tensor(exact_chunk(calm, ae, h[row], temperature, generator), device=device)
-        else:
-            chunk = _batch_step(calm, ae, h, n, num_draws, done, generator).to(ids.dtype)
-            chunk = chunk.masked_fill(done[:, None], pad_id)  # finished rows are padded, stripped at the end
+        chunk = step(h, done)
         new_chunks.append(chunk)
         if on_chunk is not None:
             on_chunk(chunk)
@@ -232,7 +250,6 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
         done |= (chunk == eos_id).any(-1)
         if done.all():
             break
-
     new = torch.cat(new_chunks, 1)[:, :max_new_tokens] if new_chunks else ids[:, :0]
     out = torch.cat([ids, truncate_after_eos(new, eos_id, pad_id)], 1)
     return finish_generation(out, pad_id, single)

@@ -13,9 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch.profiler import record_function
 
-from calm_pretrain.sampling import (as_batch, batch_temperature_sample, exact_temperature_sample,
-                                    finish_generation, inverse_temperature, split_inverse_temperature,
-                                    truncate_after_eos)
+from calm_pretrain.sampling import (batch_temperature_sample, calm_chunk_loop, calm_generation_setup,
+                                    exact_temperature_sample)
 
 
 @torch.no_grad()
@@ -24,62 +23,30 @@ def reference_generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperatu
                             use_cache: bool = True, generator: Optional[torch.Generator] = None,
                             sampler: str = "batch", on_chunk: Optional[Callable[[torch.Tensor], None]] = None):
     """:func:`calm_pretrain.sampling.generate_calm` as it was (same arguments, same result for a seed)."""
-    k = calm.k
-    cfg = calm.config
-    eos_id = cfg.eos_token_id if eos_id is None else eos_id
-    pad_id = cfg.pad_token_id if pad_id is None else pad_id
-    if sampler not in ("batch", "exact"):
-        raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
-    n = inverse_temperature(temperature) if sampler == "batch" else split_inverse_temperature(temperature)[0]
-    num_draws = 1 if n == 1 or sampler == "exact" else num_candidates
-    device = next(calm.parameters()).device
+    k, eos_id, pad_id, n, num_draws, device, ids, single = calm_generation_setup(
+        calm, prompt_ids, temperature, num_candidates, eos_id, pad_id, sampler)
 
-    ids, single = as_batch(prompt_ids)
-    ids = ids.to(device)
-    b = ids.shape[0]
-    if ids.shape[1] == 0:
-        raise ValueError("an empty prompt has no chunk to condition on")
-    pad_len = -ids.shape[1] % k
-    ids = torch.cat([ids, ids.new_full((b, pad_len), pad_id)], 1)
-
-    cache = calm.new_cache() if use_cache else None
-    new_chunks: list[torch.Tensor] = []
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    feed = ids  # what the cached path still has to read
-    for _ in range(-(-max_new_tokens // k)):
-        if use_cache:
-            with record_function("generate.backbone"):  # embedding included
-                h = calm.hidden_states(feed, cache)[:, -1]
-        else:
-            with record_function("generate.backbone"):
-                h = calm.hidden_states(torch.cat([ids, *new_chunks], 1))[:, -1]
+    def step(h: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        b = h.shape[0]
         chunk = ids.new_full((b, k), pad_id)
         if sampler == "exact":
             for row in range(b):
                 if not done[row]:
                     chunk[row] = torch.tensor(_exact_chunk(calm, ae, h[row], temperature, generator), device=device)
-        else:
-            with record_function("generate.head"):
-                z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
-            with record_function("generate.decode"):
-                tokens = ae.decode(z.unsqueeze(-2)).argmax(-1)  # [B, N, K]
-            with record_function("generate.choose"):
-                for row in range(b):
-                    if done[row]:
-                        continue  # finished rows are padded, and stripped at the end
-                    cands = [tuple(c) for c in tokens[row].tolist()]
-                    chunk[row] = torch.tensor(batch_temperature_sample(cands, n, generator), device=device)
-        new_chunks.append(chunk)
-        if on_chunk is not None:
-            on_chunk(chunk)
-        feed = chunk
-        done |= (chunk == eos_id).any(-1)
-        if done.all():
-            break
+            return chunk
+        with record_function("generate.head"):
+            z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
+        with record_function("generate.decode"):
+            tokens = ae.decode(z.unsqueeze(-2)).argmax(-1)  # [B, N, K]
+        with record_function("generate.choose"):
+            for row in range(b):
+                if done[row]:
+                    continue  # finished rows are padded, and stripped at the end
+                cands = [tuple(c) for c in tokens[row].tolist()]
+                chunk[row] = torch.tensor(batch_temperature_sample(cands, n, generator), device=device)
+        return chunk
 
-    new = torch.cat(new_chunks, 1)[:, :max_new_tokens] if new_chunks else ids[:, :0]
-    out = torch.cat([ids, truncate_after_eos(new, eos_id, pad_id)], 1)
-    return finish_generation(out, pad_id, single)
+    return calm_chunk_loop(calm, ids, max_new_tokens, use_cache, step, eos_id, pad_id, single, on_chunk)
 
 
 def _exact_chunk(calm, ae, h: torch.Tensor, temperature: float, generator) -> tuple:
