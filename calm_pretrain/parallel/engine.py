@@ -225,7 +225,7 @@ class DeepSpeedEngine:
         load_deepspeed_checkpoint(self.engine, path, saved_layout, self.layout, self.module.config)
 
 
-RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # copied into a ZeRO checkpoint by DeepSpeed
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # copied beside a ZeRO checkpoint by DeepSpeed
 
 
 def save_deepspeed_checkpoint(engine, path: Path, model: nn.Module) -> None:
@@ -241,9 +241,9 @@ def save_deepspeed_checkpoint(engine, path: Path, model: nn.Module) -> None:
     engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False,
                            client_state={"universal_checkpoint_info": info} if info else {})
     if engine.global_rank == 0:
-        for script in RECOVERY_SCRIPTS:
-            if (path / script).is_file():
-                claim_written(path / script)
+        for script in RECOVERY_SCRIPTS:  # DeepSpeed copies them beside the tag's directory, not into it
+            if (path.parent / script).is_file():
+                claim_written(path.parent / script)
 
 
 def load_deepspeed_checkpoint(engine, path: Path, saved: ParallelLayout, now: ParallelLayout, model_config) -> None:
