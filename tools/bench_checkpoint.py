@@ -77,7 +77,7 @@ def _rank(rank, world, port, config, overrides, reps, root, out):
     built = time.perf_counter() - t0
     root = Path(root)
     layout = ParallelLayout.of_run(cfg.parallel, world)
-    times = {"bare_save": [], "bare_load": [], "save": [], "resume": []}
+    times = {"bare_save": [], "bare_load": [], "save": [], "resume": [], "resume_choose": []}
     quiet = lambda s: None  # noqa: E731
     for i in range(reps):
         bare = root / "bare"
@@ -91,7 +91,10 @@ def _rank(rank, world, port, config, overrides, reps, root, out):
         times["save"].append(_timed(lambda: ours.save(i + 1, engine, {"bench": i})))
 
         def resume():
+            t = time.perf_counter()
             path = Checkpointer(root / "ours", keep_last=100, rank=rank, world_size=world, log=quiet).find_resumable()
+            barrier()
+            times["resume_choose"].append(time.perf_counter() - t)  # of which: choosing (verification)
             engine.load(path / "engine", layout)
             ours.load_rng(path)
 
