@@ -8,14 +8,15 @@ Layout of a run directory's ``checkpoints/``::
       trainer_state.json      step, consumed samples, loader state, data fingerprint, model signature,
                               the resolved config, the world size and the engine that wrote engine/
                               ("torch" or "deepspeed"; with config and world size, the saved layout)
-      manifest.json           size and SHA-256 of every file above; written last
+      manifest.json           size, SHA-256 and writing rank of every file above; written last
     latest                    the name of the newest complete checkpoint (replaced atomically)
 
 A save goes to ``step_N.partial/`` and is renamed to ``step_N/`` only after every rank finished
-writing and rank 0 wrote the manifest; ``latest`` is replaced after that. A save killed half-way
+writing (each rank hashing its files as it writes them, checkpoint_files.py) and rank 0 wrote the
+manifest; ``latest`` is replaced after that. A save killed half-way
 therefore leaves a ``.partial`` directory (removed by the next save) and never touches the previous
-checkpoint. On resume the manifest is checked (sizes and checksums); a damaged checkpoint is reported
-by name and the newest intact one before it is used instead.
+checkpoint. On resume rank 0 checks the manifest (presence, sizes) and every rank checksums its share
+of the files; a damaged checkpoint is reported by name and the newest intact one before it is used.
 
 Pruning keeps the newest ``keep_last`` *intact* checkpoints: a damaged one never counts (it is left in
 place, named in the log, and replaced when the run saves that step again), the checkpoint this run
