@@ -79,9 +79,10 @@ class TorchEngine:
         return StepResult(loss, tokens, grad_norm, applied, extras)
 
     def save(self, path: Path) -> None:
+        from calm_pretrain.parallel.hashed_writes import hashed_save
+
         path.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                   path / "engine.pt")
+        hashed_save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, path / "engine.pt")
 
     def load(self, path: Path, saved_layout: ParallelLayout) -> None:
         if not (path / "engine.pt").is_file():
@@ -224,14 +225,25 @@ class DeepSpeedEngine:
         load_deepspeed_checkpoint(self.engine, path, saved_layout, self.layout, self.module.config)
 
 
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # copied beside a ZeRO checkpoint by DeepSpeed
+
+
 def save_deepspeed_checkpoint(engine, path: Path, model: nn.Module) -> None:
-    """Each rank writes its partition of the model and optimizer state under `path`. A tensor-parallel
-    model also records how its slices merge, which the conversion to another layout reads."""
+    """Each rank writes its partition of the model and optimizer state under `path`, hashing the bytes
+    as it writes them (hashed_writes); global rank 0 also claims DeepSpeed's recovery scripts, the only
+    files DeepSpeed copies instead of saving. A tensor-parallel model also records how its slices
+    merge, which the conversion to another layout reads."""
+    from calm_pretrain.parallel.hashed_writes import claim_written, install_hashing_engine
     from calm_pretrain.parallel.tensor import universal_checkpoint_info
 
     info = universal_checkpoint_info(model)
+    install_hashing_engine(engine)
     engine.save_checkpoint(str(path.parent), tag=path.name, save_latest=False,
                            client_state={"universal_checkpoint_info": info} if info else {})
+    if engine.global_rank == 0:
+        for script in RECOVERY_SCRIPTS:  # DeepSpeed copies them beside the tag's directory, not into it
+            if (path.parent / script).is_file():
+                claim_written(path.parent / script)
 
 
 def load_deepspeed_checkpoint(engine, path: Path, saved: ParallelLayout, now: ParallelLayout, model_config) -> None:

@@ -8,14 +8,15 @@ Layout of a run directory's ``checkpoints/``::
       trainer_state.json      step, consumed samples, loader state, data fingerprint, model signature,
                               the resolved config, the world size and the engine that wrote engine/
                               ("torch" or "deepspeed"; with config and world size, the saved layout)
-      manifest.json           size and SHA-256 of every file above; written last
+      manifest.json           size, SHA-256 and writing rank of every file above; written last
     latest                    the name of the newest complete checkpoint (replaced atomically)
 
 A save goes to ``step_N.partial/`` and is renamed to ``step_N/`` only after every rank finished
-writing and rank 0 wrote the manifest; ``latest`` is replaced after that. A save killed half-way
+writing (each rank hashing its files as it writes them, checkpoint_files.py) and rank 0 wrote the
+manifest; ``latest`` is replaced after that. A save killed half-way
 therefore leaves a ``.partial`` directory (removed by the next save) and never touches the previous
-checkpoint. On resume the manifest is checked (sizes and checksums); a damaged checkpoint is reported
-by name and the newest intact one before it is used instead.
+checkpoint. On resume rank 0 checks the manifest (presence, sizes) and every rank checksums its share
+of the files; a damaged checkpoint is reported by name and the newest intact one before it is used.
 
 Pruning keeps the newest ``keep_last`` *intact* checkpoints: a damaged one never counts (it is left in
 place, named in the log, and replaced when the run saves that step again), the checkpoint this run
@@ -26,6 +27,7 @@ that were just written or verified.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -39,17 +41,21 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from calm_pretrain.errors import CheckpointError
 from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
 from calm_pretrain.parallel.engine_api import ENGINE_KINDS
 from calm_pretrain.parallel.groups import ParallelLayout
-from calm_pretrain.errors import CheckpointError
+from calm_pretrain.parallel.hashed_writes import WriteLedger, hashed_save, recording
 from calm_pretrain.safe_load import safe_load
-from data_pipeline.files import atomic_write_bytes, fsync_dir, sha256_file
+from calm_pretrain.train.checkpoint_files import (MANIFEST, check_manifest, checksum_problems, merge_claims,
+                                                  share_of, verify_checkpoint)
+from data_pipeline.files import atomic_write_bytes, fsync_dir
+
+__all__ = ["CheckpointError", "Checkpointer", "verify_checkpoint", "MANIFEST"]
 
 CHECKPOINT_VERSION = 1
 LATEST = "latest"
 PINNED = "pinned.json"
-MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -79,26 +85,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---- files -----------------------------------------------------------------------------------
-def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
-    """None if `path` is a complete, intact checkpoint; otherwise what is wrong with it."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest.json (the save did not finish)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable manifest.json ({e})"
-    for rel, (size, digest) in manifest["files"].items():
-        f = path / rel
-        if not f.is_file():
-            return f"missing file {rel}"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes, the manifest says {size}"
-        if checksums and sha256_file(f) != digest:
-            return f"{rel} does not match its checksum"
-    return None
-
-
 def read_trainer_state(path: Path) -> dict:
     return json.loads((path / TRAINER_STATE).read_text())
 
@@ -146,37 +132,83 @@ class Checkpointer:
             (partial / "rng").mkdir(parents=True)
         barrier()
         t0 = time.perf_counter()
-        engine.save(partial / "engine")
-        torch.save(rng_state(), partial / "rng" / f"rank_{self.rank:05d}.pt")
+        with recording() as ledger:
+            self._write(partial, step, engine, trainer_state, ledger)
+        # Every rank hashed what it wrote; rank 0 checks the claims against the files and writes the manifest.
+        mine = {rel: (size, digest, self.rank) for rel, (size, digest) in ledger.relative_to(partial).items()}
+        claims = all_gather_object(mine)
+        self._verify_all(self._listed())  # the older checkpoints pruning looks at, checksummed together
+        error = None
         if self.rank == 0:
-            state = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size,
-                     "engine": engine.kind, **trainer_state}
-            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-        barrier()
-        # Every rank checksums a share of the files (each file once), rank 0 writes the manifest.
-        files = sorted(p for p in partial.rglob("*") if p.is_file())
-        mine = {str(p.relative_to(partial)): (p.stat().st_size, sha256_file(p))
-                for i, p in enumerate(files) if i % self.world_size == self.rank}
-        entries = {}
-        for part in all_gather_object(mine):
-            entries.update(part)
-        if self.rank == 0:
-            manifest = {"version": CHECKPOINT_VERSION, "step": step, "files": entries,
-                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            atomic_write_bytes(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
-            os.replace(partial, final)
-            fsync_dir(self.root)
-            self._problems[final.name] = None  # just written and checksummed
-            atomic_write_bytes(self.root / LATEST, (final.name + "\n").encode())
-            self._prune(final)
-            size = sum(s for s, _ in entries.values())
-            self.log(f"checkpoint {final} saved ({len(entries)} files, {size / 2**20:.1f} MiB, "
-                     f"{time.perf_counter() - t0:.1f}s)")
+            entries, error = merge_claims(partial, claims)
+            if error is None:
+                self._commit(partial, final, step, entries, t0)
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointError(f"checkpoint {partial} not saved: {error}")
+        self._problems[final.name] = None  # just written and hashed
         barrier()
         return final
 
+    def _write(self, partial: Path, step: int, engine, trainer_state: dict, ledger: WriteLedger) -> None:
+        """This rank's files of the checkpoint, each hashed as it is written."""
+        engine.save(partial / "engine")
+        hashed_save(rng_state(), partial / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            state = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size,
+                     "engine": engine.kind, **trainer_state}
+            data = json.dumps(state, indent=1).encode()
+            (partial / TRAINER_STATE).write_bytes(data)
+            ledger.record(partial / TRAINER_STATE, len(data), hashlib.sha256(data).hexdigest())
+
+    def _commit(self, partial: Path, final: Path, step: int, entries: dict, t0: float) -> None:
+        """Rank 0: the manifest, the rename to step_N, `latest`, pruning."""
+        manifest = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size, "files": entries,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_bytes(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+        os.replace(partial, final)
+        fsync_dir(self.root)
+        self._problems[final.name] = None
+        atomic_write_bytes(self.root / LATEST, (final.name + "\n").encode())
+        self._prune(final)
+        size = sum(e[0] for e in entries.values())
+        self.log(f"checkpoint {final} saved ({len(entries)} files, {size / 2**20:.1f} MiB, "
+                 f"{time.perf_counter() - t0:.1f}s)")
+
+    # ---- verifying (every rank its share) ----------------------------------------------------
+    def _bcast(self, obj):
+        return broadcast_object(obj) if self.world_size > 1 else obj
+
+    def _listed(self) -> list[Path]:
+        """complete_checkpoints() as rank 0 sees them, on every rank."""
+        names = self._bcast([p.name for p in self.complete_checkpoints()] if self.rank == 0 else None)
+        return [self.root / n for n in names]
+
+    def _verify(self, path: Path) -> Optional[str]:
+        """What is wrong with `path` (None: intact). Collective: rank 0 reads the manifest and checks
+        presence and sizes, every rank checksums its share, the problems are all-gathered."""
+        head = check_manifest(path) if self.rank == 0 else None
+        manifest, problem = self._bcast(head)
+        if problem:
+            return problem
+        mine = checksum_problems(path, manifest["files"], share_of(manifest, self.rank, self.world_size))
+        found = [p for part in (all_gather_object(mine) if self.world_size > 1 else [mine]) for p in part]
+        return "; ".join(found) or None
+
+    def _verify_all(self, paths: list[Path]) -> None:
+        for path in paths:
+            if path.name not in self._problems:
+                self._problems[path.name] = self._verify(path)
+
     def problem(self, path: Path) -> Optional[str]:
-        """What is wrong with the checkpoint at `path` (None: intact), checksummed once per launch."""
+        """What is wrong with the checkpoint at `path` (None: intact), checksummed once per launch.
+        Collective (every rank calls it) unless already known."""
+        self._verify_all([path])
+        return self._problems[path.name]
+
+    def _known(self, path: Path) -> Optional[str]:
+        """problem(path) in this process alone: what every rank verified together before (save() does
+        so for every checkpoint pruning sees), or, for one nobody listed then, checked here whole."""
         if path.name not in self._problems:
             self._problems[path.name] = verify_checkpoint(path)
         return self._problems[path.name]
@@ -188,7 +220,7 @@ class Checkpointer:
         checkpoint it had fallen back to."""
         intact, damaged = [], []
         for path in self.complete_checkpoints():
-            (intact if self.problem(path) is None else damaged).append(path)
+            (intact if self._known(path) is None else damaged).append(path)
         keep = set(intact[-self.keep_last:]) | {newest} | set(self.pinned())
         resumed = self.resumed_from
         if resumed is not None and not any(p.name > resumed.name for p in intact):
@@ -197,7 +229,7 @@ class Checkpointer:
             if path not in keep:
                 shutil.rmtree(path)
         for path in damaged:
-            self.log(f"WARNING: checkpoint {path} is damaged ({self.problem(path)}): not counted towards "
+            self.log(f"WARNING: checkpoint {path} is damaged ({self._known(path)}): not counted towards "
                      f"train.keep_last and left in place")
 
     # ---- pinning (divergence) ----------------------------------------------------------------
@@ -219,8 +251,8 @@ class Checkpointer:
         atomic_write_bytes(self.root / PINNED, json.dumps(entries, indent=1).encode())
 
     def newest_intact_before(self, step: int) -> Optional[Path]:
-        """The newest intact checkpoint of a step < `step`, or None."""
-        before = [p for p in self.complete_checkpoints() if int(p.name[5:]) < step and self.problem(p) is None]
+        """The newest intact checkpoint of a step < `step`, or None. Collective: every rank calls it."""
+        before = [p for p in self._listed() if int(p.name[5:]) < step and self.problem(p) is None]
         return before[-1] if before else None
 
     # ---- finding -----------------------------------------------------------------------------
@@ -235,27 +267,21 @@ class Checkpointer:
     def find_resumable(self) -> Optional[Path]:
         """The checkpoint to resume from: the one `latest` names if intact, else the newest intact one.
 
-        Rank 0 verifies and broadcasts its choice, so every rank loads the same checkpoint.
+        Every rank verifies its share of each candidate and the problems are all-gathered, so every rank
+        takes the same decision (and loads the same checkpoint).
         """
-        choice = None
-        if self.rank == 0:
-            choice = self._choose()
-            latest = self.root / LATEST
-            if choice and (not latest.is_file() or latest.read_text().strip() != Path(choice).name):
-                # `latest` named a damaged or deleted checkpoint: name the one actually used
-                atomic_write_bytes(latest, (Path(choice).name + "\n").encode())
-        choice = broadcast_object(choice)
+        choice = self._choose()
+        latest = self.root / LATEST
+        if self.rank == 0 and choice and (not latest.is_file() or latest.read_text().strip() != Path(choice).name):
+            # `latest` named a damaged or deleted checkpoint: name the one actually used
+            atomic_write_bytes(latest, (Path(choice).name + "\n").encode())
+        barrier()
         self.resumed_from = Path(choice) if choice else None
         return self.resumed_from
 
     def _choose(self) -> Optional[str]:
-        candidates = list(reversed(self.complete_checkpoints()))
-        latest = self.root / LATEST
-        if latest.is_file():
-            named = self.root / latest.read_text().strip()
-            if named in candidates:  # try what `latest` names first
-                candidates.remove(named)
-                candidates.insert(0, named)
+        """Collective: the candidates as rank 0 lists them, each verified by every rank."""
+        candidates = [self.root / n for n in self._bcast(self._candidates() if self.rank == 0 else None)]
         damaged = []
         for path in candidates:
             problem = self.problem(path)
@@ -267,6 +293,17 @@ class Checkpointer:
         if damaged:
             raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(damaged))
         return None
+
+    def _candidates(self) -> list[str]:
+        """Complete checkpoints, newest first, the one `latest` names moved to the front."""
+        candidates = [p.name for p in reversed(self.complete_checkpoints())]
+        latest = self.root / LATEST
+        if latest.is_file():
+            named = latest.read_text().strip()
+            if named in candidates:  # try what `latest` names first
+                candidates.remove(named)
+                candidates.insert(0, named)
+        return candidates
 
     def load_rng(self, path: Path) -> bool:
         """Restore this rank's RNG states; False when the checkpoint has none for this rank."""

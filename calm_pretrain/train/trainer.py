@@ -308,14 +308,10 @@ class Trainer:
         computed on the weights after update step - 1, so checkpoint step - 1 already holds them."""
         if self.checkpointer is None:
             return None
-        name = None
-        if self.rank == 0:
-            good = self.checkpointer.newest_intact_before(step - 1)
-            if good is not None:
-                self.checkpointer.pin(good, f"last checkpoint before the suspect step {step}")
-                name = str(good)
-        name = dist.broadcast_object(name)
-        return Path(name) if name else None
+        good = self.checkpointer.newest_intact_before(step - 1)  # every rank: it verifies its share
+        if good is not None:
+            self.checkpointer.pin(good, f"last checkpoint before the suspect step {step}")  # rank 0 writes
+        return good
 
     def _last_good_message(self) -> str:
         t = self.first_suspect_step

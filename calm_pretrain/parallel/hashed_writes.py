@@ -1,0 +1,166 @@
+"""Checkpoint files hashed in the pass that writes them, and the record of who wrote what.
+
+A checkpoint's manifest holds the size and SHA-256 of every file. Reading the bytes back after the save
+to hash them is a second pass over tens of GB; here each rank hashes the bytes of the files it writes
+as they go to the file (:class:`HashingWriter`, a file-like object ``torch.save`` writes into; a large
+write is hashed on a second thread while it is written, both without the GIL), and records them in the
+active :class:`WriteLedger`.
+
+DeepSpeed writes every file of its checkpoints through ``engine.checkpoint_engine.save(state_dict,
+path)`` on the rank that owns it; :func:`install_hashing_engine` wraps that engine so its torch.save goes
+through a HashingWriter. What DeepSpeed writes otherwise (its recovery scripts, copied by global rank 0)
+is claimed with :func:`claim_written`, which hashes the file once after the fact.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+OVERLAP_BYTES = 1 << 20  # writes at least this large are hashed on the helper thread while written
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _helper() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash")
+        return _pool
+
+
+class HashingWriter:
+    """A write-only file: every byte written to `path` also goes into a SHA-256. No ``fileno`` on
+    purpose, so that torch.save writes through :meth:`write` instead of to the descriptor."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n >= OVERLAP_BYTES:  # hashlib and the file write both release the GIL: overlap them
+            pending = _helper().submit(self._hash.update, data)
+            try:
+                self._file.write(data)
+            finally:
+                pending.result()
+        else:
+            self._hash.update(data)
+            self._file.write(data)
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class WriteLedger:
+    """The files this process wrote into a checkpoint: {absolute path: (size, sha256)}."""
+
+    def __init__(self):
+        self.files: dict[str, tuple[int, str]] = {}
+
+    def record(self, path, size: int, digest: str) -> None:
+        self.files[str(Path(path).absolute())] = (size, digest)
+
+    def relative_to(self, root: Path) -> dict[str, tuple[int, str]]:
+        """{path relative to `root`: (size, sha256)} of the recorded files under `root`."""
+        root = Path(root).absolute()
+        out = {}
+        for path, entry in self.files.items():
+            p = Path(path)
+            if p.is_relative_to(root):
+                out[str(p.relative_to(root))] = entry
+        return out
+
+
+_active: list[WriteLedger] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[WriteLedger]:
+    """Within: every hashed_save / claim_written of this process is recorded in the yielded ledger."""
+    ledger = WriteLedger()
+    _active.append(ledger)
+    try:
+        yield ledger
+    finally:
+        _active.remove(ledger)
+
+
+def _record(path, size: int, digest: str) -> None:
+    for ledger in _active:
+        ledger.record(path, size, digest)
+
+
+def hashed_save(obj, path, **kwargs) -> tuple[int, str]:
+    """``torch.save(obj, path, **kwargs)``, hashing the bytes as they are written; (size, sha256),
+    recorded in the active ledger."""
+    writer = HashingWriter(Path(path))
+    try:
+        torch.save(obj, writer, **kwargs)
+    finally:
+        writer.close()
+    _record(path, writer.size, writer.hexdigest())
+    return writer.size, writer.hexdigest()
+
+
+def sha256_of(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def claim_written(path) -> None:
+    """Record a file this process wrote by other means (hashed here, once, after the fact)."""
+    _record(path, os.path.getsize(path), sha256_of(path))
+
+
+class HashingCheckpointEngine:
+    """DeepSpeed's checkpoint engine, with ``save`` hashing what it writes (everything else delegated).
+    DeepSpeed's TorchCheckpointEngine is ``torch.save(state_dict, path, _use_new_zipfile_serialization=
+    zipfile_serialization)``: the same call here, into a HashingWriter. Another engine (DeepSpeed's
+    fast or decoupled writers) saves its own way, and the file is hashed after it returns."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str):
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        if type(self.inner) is TorchCheckpointEngine:
+            hashed_save(state_dict, path, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
+            return None
+        if self.inner.is_decoupled():  # the file is written later, by another process: nothing to hash yet
+            raise NotImplementedError("a decoupled checkpoint engine writes after save() returns; checkpoints "
+                                      "here are hashed as they are written (see docs/checkpoints.md)")
+        result = self.inner.save(state_dict, path)
+        claim_written(path)
+        return result
+
+
+def install_hashing_engine(ds_engine) -> None:
+    """Make a DeepSpeed engine's checkpoint writes hashed (idempotent)."""
+    if not isinstance(ds_engine.checkpoint_engine, HashingCheckpointEngine):
+        ds_engine.checkpoint_engine = HashingCheckpointEngine(ds_engine.checkpoint_engine)

@@ -1,0 +1,108 @@
+"""Checkpoint files hashed as they are written, claimed by the rank that wrote them, verified in parallel."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from calm_pretrain.parallel.hashed_writes import claim_written, hashed_save, recording
+from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, verify_checkpoint
+from calm_pretrain.train.checkpoint_files import share_of
+from tests.helpers.ranks import run_distributed_test
+
+
+class FakeEngine:
+    """Writes engine/part_<rank>.pt (hashed as written); `stray` also writes a file nobody claims,
+    `vanish` claims a file and deletes it."""
+    kind = "torch"
+
+    def __init__(self, rank=0, stray=False, vanish=False, size=1 << 21):
+        self.rank, self.stray, self.vanish, self.size = rank, stray, vanish, size
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        hashed_save({"w": torch.arange(self.size // 4, dtype=torch.float32) + self.rank},
+                    path / f"part_{self.rank:05d}.pt")
+        if self.stray:
+            (path / "stray.bin").write_bytes(b"nobody hashed me")
+        if self.vanish:
+            (path / "gone.bin").write_bytes(b"x")
+            claim_written(path / "gone.bin")
+            (path / "gone.bin").unlink()
+
+
+def test_the_manifest_records_the_writer_and_the_hashes_of_the_bytes(tmp_path):
+    ck = Checkpointer(tmp_path, log=lambda s: None)
+    path = ck.save(1, FakeEngine(), {"note": 1})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["world_size"] == 1
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert sorted(manifest["files"]) == files == ["engine/part_00000.pt", "rng/rank_00000.pt", "trainer_state.json"]
+    for rel, (size, digest, rank) in manifest["files"].items():
+        data = (path / rel).read_bytes()
+        assert (size, digest, rank) == (len(data), hashlib.sha256(data).hexdigest(), 0), rel
+    assert verify_checkpoint(path) is None
+
+
+def test_a_hashed_save_is_torch_save(tmp_path):
+    obj = {"a": torch.randn(1 << 19), "b": [1, 2, "x"]}
+    with recording() as ledger:
+        size, digest = hashed_save(obj, tmp_path / "h.pt")  # zip format (torch's default)
+        hashed_save(obj, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # DeepSpeed's default
+    torch.save(obj, tmp_path / "p.pt", _use_new_zipfile_serialization=False)
+    assert (tmp_path / "legacy.pt").read_bytes() == (tmp_path / "p.pt").read_bytes()
+    data = (tmp_path / "h.pt").read_bytes()
+    assert ledger.relative_to(tmp_path)["h.pt"] == (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
+    assert torch.equal(torch.load(tmp_path / "h.pt")["a"], obj["a"])
+
+
+@pytest.mark.parametrize("engine,named", [(FakeEngine(stray=True), "engine/stray.bin was written but no rank hashed it"),
+                                          (FakeEngine(vanish=True), "engine/gone.bin is claimed by rank 0 but missing")])
+def test_an_unclaimed_or_missing_file_is_named_and_nothing_saved(tmp_path, engine, named):
+    ck = Checkpointer(tmp_path, log=lambda s: None)
+    with pytest.raises(CheckpointError, match=named):
+        ck.save(1, engine, {})
+    assert not (tmp_path / "latest").exists() and not (tmp_path / "step_00000001").exists()
+
+
+def test_the_split_of_a_manifest_over_ranks():
+    files = {"a": [10, "", 0], "b": [30, "", 1], "c": [20, "", 1]}
+    assert share_of({"world_size": 2, "files": files}, 0, 2) == ["a"]
+    assert share_of({"world_size": 2, "files": files}, 1, 2) == ["b", "c"]
+    # another world size (or no writers recorded): by size, every file exactly once
+    shares = [share_of({"world_size": 2, "files": files}, r, 3) for r in range(3)]
+    assert shares == [["b"], ["c"], ["a"]]
+    old = {k: v[:2] for k, v in files.items()}
+    assert share_of({"files": old}, 0, 2) + share_of({"files": old}, 1, 2) == ["b", "a", "c"]
+
+
+def _two_ranks(rank, world_size, root):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    root, logs = Path(root), []
+    save = Checkpointer(root, keep_last=3, rank=rank, world_size=world_size, log=lambda s: None)
+    for step in (1, 2):
+        save.save(step, FakeEngine(rank), {})
+    manifest = json.loads((root / "step_00000002" / "manifest.json").read_text())
+    assert manifest["files"]["engine/part_00001.pt"][2] == 1 and manifest["files"]["rng/rank_00000.pt"][2] == 0
+    dist.barrier()
+    if rank == 1:  # rank 1 damages its own file of step 2: only rank 1 checksums it on resume
+        f = root / "step_00000002" / "engine" / "part_00001.pt"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    dist.barrier()
+    resume = Checkpointer(root, keep_last=3, rank=rank, world_size=world_size, log=logs.append)
+    assert resume.find_resumable() == root / "step_00000001"
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    warning = "\n".join(logs) if rank == 0 else ""
+    if rank == 0:
+        assert "step_00000002 is damaged (engine/part_00001.pt does not match its checksum)" in warning, warning
+    # every rank took the same decision and knows the same problems
+    assert resume._problems["step_00000002"] == "engine/part_00001.pt does not match its checksum"
+
+
+def test_two_ranks_a_damaged_file_of_rank_1_falls_back_and_is_named(tmp_path):
+    run_distributed_test(_two_ranks, 2, str(tmp_path / "ck"), timeout=120)

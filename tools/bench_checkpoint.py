@@ -1,0 +1,154 @@
+"""Checkpoint save and resume against DeepSpeed's bare save_checkpoint / load_checkpoint (same run).
+
+    python3 tools/bench_checkpoint.py [--config configs/calm/calm_m.yaml] [--reps 3] [--out bench_out]
+        [--dir /tmp/bench_ckpt] [--override model.num_layers=8 ...]
+
+Two CPU processes (gloo), ZeRO-1, fp32: build the model, one optimizer step on a synthetic micro-batch
+(so the Adam moments exist), then, alternating for --reps rounds:
+
+  (a) bare:  engine.save_checkpoint(dir, tag) and engine.load_checkpoint(dir, tag)
+  (b) ours:  Checkpointer.save (hashing, manifest, rename, `latest`) and the resume path: a fresh
+             Checkpointer's find_resumable() (verification), the engine's load (safe_load allow-list)
+             and the RNG states
+
+each timed between barriers (the slowest rank decides). Reported: the median of each, and the ratios
+ours/bare for save and resume (target <= 1.15). The same script run with PYTHONPATH naming another
+checkout measures that checkout's Checkpointer (the "before" figure). Checkpoints go under --dir and
+are deleted after each round. Results: <out>/checkpoint_bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed(fn) -> float:
+    from calm_pretrain.parallel.distributed import barrier
+
+    barrier()
+    t0 = time.perf_counter()
+    fn()
+    barrier()
+    return time.perf_counter() - t0
+
+
+def _engine(config, overrides, world):
+    from calm_pretrain.config import load_config
+    from calm_pretrain.models import build_model, spec_of
+    from calm_pretrain.parallel.engine import DeepSpeedEngine
+    from calm_pretrain.train.trainer import model_loss
+
+    cfg = load_config(config, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    engine = DeepSpeedEngine(model, cfg, world)
+    batch = spec_of(cfg.model).example_batch(cfg.model, 1, cfg.data.seq_chunks, torch.Generator().manual_seed(0))
+    engine.step(iter([batch]), 1e-4, lambda forward, b: model_loss(cfg.model, forward, b))
+    return cfg, engine, sum(p.numel() for p in model.parameters())
+
+
+def _rank(rank, world, port, config, overrides, reps, root, out):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    torch.set_num_threads(1)
+    from calm_pretrain.parallel.distributed import barrier, init_distributed
+    from calm_pretrain.parallel.groups import ParallelLayout
+    from calm_pretrain.train.checkpoint import Checkpointer
+
+    init_distributed()
+    t0 = time.perf_counter()
+    cfg, engine, params = _engine(config, overrides, world)
+    built = time.perf_counter() - t0
+    root = Path(root)
+    layout = ParallelLayout.of_run(cfg.parallel, world)
+    times = {"bare_save": [], "bare_load": [], "save": [], "resume": [], "resume_choose": []}
+    quiet = lambda s: None  # noqa: E731
+    for i in range(reps):
+        bare = root / "bare"
+        times["bare_save"].append(_timed(lambda: engine.engine.save_checkpoint(str(bare), tag=f"t{i}", save_latest=False)))
+        times["bare_load"].append(_timed(lambda: engine.engine.load_checkpoint(
+            str(bare), tag=f"t{i}", load_optimizer_states=True, load_lr_scheduler_states=False)))
+        barrier()
+        if rank == 0:
+            shutil.rmtree(bare)
+        ours = Checkpointer(root / "ours", keep_last=100, rank=rank, world_size=world, log=quiet)
+        times["save"].append(_timed(lambda: ours.save(i + 1, engine, {"bench": i})))
+
+        def resume():
+            t = time.perf_counter()
+            path = Checkpointer(root / "ours", keep_last=100, rank=rank, world_size=world, log=quiet).find_resumable()
+            barrier()
+            times["resume_choose"].append(time.perf_counter() - t)  # of which: choosing (verification)
+            engine.load(path / "engine", layout)
+            ours.load_rng(path)
+
+        times["resume"].append(_timed(resume))
+        barrier()
+        if rank == 0:
+            shutil.rmtree(root / "ours")
+        barrier()
+    if rank == 0:
+        import calm_pretrain
+
+        Path(out).write_text(json.dumps({"times_s": times, "parameters": params, "build_and_step_s": built,
+                                         "calm_pretrain": str(Path(calm_pretrain.__file__).parent)}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/calm/calm_m.yaml")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--dir", default="/tmp/bench_ckpt")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--label", default="this checkout")
+    ap.add_argument("--override", nargs="*", default=[])
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    overrides = ["train.zero_stage=1", "train.precision=fp32", "train.micro_batch_size=1", "data.seq_chunks=8",
+                 "train.grad_accum_steps=1", *args.override]
+    port, ctx = _port(), mp.get_context("spawn")
+    raw = out / "checkpoint_bench.raw.json"
+    procs = [ctx.Process(target=_rank, args=(r, args.world_size, port, args.config, overrides, args.reps, str(root),
+                                             str(raw))) for r in range(args.world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    shutil.rmtree(root, ignore_errors=True)
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+    result = json.loads(raw.read_text())
+    raw.unlink()
+    med = {k: statistics.median(v) for k, v in result["times_s"].items()}
+    summary = {"label": args.label, "config": args.config, "overrides": overrides, "world_size": args.world_size,
+               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result, "median_s": med,
+               "save_over_bare_save": med["save"] / med["bare_save"],
+               "resume_over_bare_load": med["resume"] / med["bare_load"], "target": 1.15}
+    (out / "checkpoint_bench.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: summary[k] for k in ("label", "parameters", "median_s", "save_over_bare_save",
+                                              "resume_over_bare_load")}, indent=1), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
