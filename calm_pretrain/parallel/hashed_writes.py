@@ -23,6 +23,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from data_pipeline.files import sha256_file
+
 OVERLAP_BYTES = 1 << 20  # writes at least this large are hashed on the helper thread while written
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_lock = threading.Lock()
@@ -121,17 +123,9 @@ def hashed_save(obj, path, **kwargs) -> tuple[int, str]:
     return writer.size, writer.hexdigest()
 
 
-def sha256_of(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def claim_written(path) -> None:
     """Record a file this process wrote by other means (hashed here, once, after the fact)."""
-    _record(path, os.path.getsize(path), sha256_of(path))
+    _record(path, os.path.getsize(path), sha256_file(path))
 
 
 class HashingCheckpointEngine:

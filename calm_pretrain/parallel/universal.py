@@ -15,7 +15,7 @@ between a pipeline and no pipeline renames them. Two callers:
   becomes the state dict.
 
 Every ``torch.load`` on the way (DeepSpeed's included) is the checkpoint allow-list's
-(``train/safe_load.py``): no file is unpickled with arbitrary globals.
+(``calm_pretrain/safe_load.py``): no file is unpickled with arbitrary globals.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from calm_pretrain.parallel.hashed_writes import sha256_of
+from data_pipeline.files import sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -51,7 +51,7 @@ def check_manifest(path: Path) -> tuple[Optional[dict], Optional[str]]:
 def checksum_problems(path: Path, files: dict, names) -> list[str]:
     """The first checksum mismatch among `names` (manifest entries `files`), in name order."""
     for rel in sorted(names):
-        if sha256_of(Path(path) / rel) != files[rel][1]:
+        if sha256_file(Path(path) / rel) != files[rel][1]:
             return [f"{rel} does not match its checksum"]
     return []
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from calm_pretrain.config import RunConfig
-from data_pipeline.files import append_jsonl, atomic_write_text, read_jsonl
 from calm_pretrain.models.registry import spec_of
 from calm_pretrain.parallel import distributed as dist
 from calm_pretrain.parallel.engine import TorchEngine
@@ -28,6 +27,7 @@ from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, engine
 from calm_pretrain.train.divergence import DivergenceMonitor, TrainingDiverged
 from calm_pretrain.train.schedule import lr_for
 from calm_pretrain.train.signals import StopRequest
+from data_pipeline.files import append_jsonl, atomic_write_text, read_jsonl
 
 
 def model_loss(config, forward: Callable, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -62,7 +62,6 @@ class Callback:
     def on_step_end(self, trainer: "Trainer", record: dict) -> None:
         """After every step; the record's loss and extras may still be device tensors of this rank (they
         become agreed numbers when the window of steps closes, before on_log)."""
-
 
     def on_log(self, trainer: "Trainer", record: dict) -> None: ...
 
