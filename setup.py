@@ -32,6 +32,7 @@ setup(
         "matplotlib>=3.7,<4",
         "pandas>=2,<4",
         "psutil>=5.9,<8",
+        "xxhash>=3.4,<5",  # checkpoint digests (data_pipeline/files.py says why not SHA-256)
     ],
     extras_require={
         # GPU-only pieces: fused kernels used when importable (apex itself is not on PyPI).

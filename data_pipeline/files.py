@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -83,15 +84,45 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+# Checkpoints are hashed with XXH3-128 (about 9 GB/s on one core here, against SHA-256's 1.1): their
+# hash guards against torn writes and bit rot, and a non-cryptographic 128-bit hash detects those as
+# well as SHA-256 does, while SHA-256 at tens of GB would be most of a resume. It protects against
+# nobody forging a file anyway: whoever can change a file can change the manifest beside it (safe
+# loading, not the hash, is what keeps a hostile file harmless). Data shards and releases keep SHA-256.
+HASHES = ("sha256", "xxh3_128")
+
+
+def new_hash(algorithm: str):
+    """A hashlib-style object (update, hexdigest) for one of HASHES."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    raise ValueError(f"unknown hash algorithm {algorithm!r} (expected one of {HASHES})")
+
+
+def file_digest(path: Path, algorithm: str = "sha256", window: int = 1 << 26) -> str:
+    """Hex digest of a file's bytes, read through a memory map (no copy into Python; both hashes
+    release the GIL while they run)."""
+    h = new_hash(algorithm)
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:  # an empty file cannot be mapped
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                for start in range(0, size, window):
+                    h.update(view[start:start + window])
+            finally:
+                view.release()
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def canonical_hash(obj: Any, length: int = 16) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from calm_pretrain.parallel.hashed_writes import claim_written, hashed_save, recording
 from calm_pretrain.train.checkpoint import CheckpointError, Checkpointer, verify_checkpoint
@@ -39,10 +40,29 @@ def test_the_manifest_records_the_writer_and_the_hashes_of_the_bytes(tmp_path):
     assert manifest["world_size"] == 1
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert sorted(manifest["files"]) == files == ["engine/part_00000.pt", "rng/rank_00000.pt", "trainer_state.json"]
+    assert manifest["hash"] == "xxh3_128"
     for rel, (size, digest, rank) in manifest["files"].items():
-        data = (path / rel).read_bytes()
-        assert (size, digest, rank) == (len(data), hashlib.sha256(data).hexdigest(), 0), rel
+        data = (path / rel).read_bytes()  # the library's one-shot digest of the bytes on disk
+        assert (size, digest, rank) == (len(data), xxhash.xxh3_128(data).hexdigest(), 0), rel
     assert verify_checkpoint(path) is None
+
+
+def test_a_manifest_from_before_the_hash_was_recorded_is_verified_with_sha256(tmp_path):
+    path = Checkpointer(tmp_path, log=lambda s: None).save(1, FakeEngine(), {})
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["hash"]
+    for rel, entry in manifest["files"].items():
+        entry[1] = hashlib.sha256((path / rel).read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_checkpoint(path) is None
+    f = path / "engine" / "part_00000.pt"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 1
+    f.write_bytes(bytes(data))
+    assert verify_checkpoint(path) == "engine/part_00000.pt does not match its checksum"
+    manifest["hash"] = "md5"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert "manifest.json names an unknown hash 'md5'" in verify_checkpoint(path)
 
 
 def test_a_hashed_save_is_torch_save(tmp_path):
@@ -53,7 +73,7 @@ def test_a_hashed_save_is_torch_save(tmp_path):
     torch.save(obj, tmp_path / "p.pt", _use_new_zipfile_serialization=False)
     assert (tmp_path / "legacy.pt").read_bytes() == (tmp_path / "p.pt").read_bytes()
     data = (tmp_path / "h.pt").read_bytes()
-    assert ledger.relative_to(tmp_path)["h.pt"] == (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
+    assert ledger.relative_to(tmp_path)["h.pt"] == (size, digest) == (len(data), xxhash.xxh3_128(data).hexdigest())
     assert torch.equal(torch.load(tmp_path / "h.pt")["a"], obj["a"])
 
 

@@ -14,7 +14,7 @@ from calm_pretrain.config import load_config
 from calm_pretrain.models import build_model
 from calm_pretrain.train.checkpoint import (CheckpointError, Checkpointer, consolidated_state_dict, engine_kind,
                                             read_trainer_state, verify_checkpoint)
-from data_pipeline.files import sha256_file
+from tests.helpers.runs import reseal
 from tests.helpers.ranks import run_distributed_test
 
 
@@ -42,10 +42,7 @@ def _rewrite_state(checkpoint, **changes):
     for key, value in changes.items():
         state.pop(key, None) if value is None else state.__setitem__(key, value)
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    f = checkpoint / "trainer_state.json"
-    manifest["files"]["trainer_state.json"] = [f.stat().st_size, sha256_file(f)]
-    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    reseal(checkpoint, "trainer_state.json")
     assert verify_checkpoint(checkpoint) is None
 
 

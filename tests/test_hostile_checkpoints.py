@@ -179,15 +179,13 @@ def _plant(checkpoint: Path, rel: str, marker: Path) -> Path:
     import torch
 
     from calm_pretrain.safe_load import safe_load
-    from data_pipeline.files import sha256_file
+    from tests.helpers.runs import reseal
 
     target = checkpoint / rel
     state = safe_load(target)
     state["payload"] = _Payload(marker)
     torch.save(state, target)
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    manifest["files"][rel] = [target.stat().st_size, sha256_file(target)]
-    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    reseal(checkpoint, rel)
     assert verify_checkpoint(checkpoint) is None
     return target
 

@@ -1,6 +1,7 @@
 """Checkpoint files hashed in the pass that writes them, and the record of who wrote what.
 
-A checkpoint's manifest holds the size and SHA-256 of every file. Reading the bytes back after the save
+A checkpoint's manifest holds the size and digest (XXH3-128, ``CHECKPOINT_HASH``; why not SHA-256:
+``data_pipeline/files.py``) of every file. Reading the bytes back after the save
 to hash them is a second pass over tens of GB; here each rank hashes the bytes of the files it writes
 as they go to the file (:class:`HashingWriter`, a file-like object ``torch.save`` writes into; a large
 write is hashed on a second thread while it is written, both without the GIL), and records them in the
@@ -14,7 +15,6 @@ is claimed with :func:`claim_written`, which hashes the file once after the fact
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +23,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from data_pipeline.files import sha256_file
+from data_pipeline.files import file_digest, new_hash
+
+CHECKPOINT_HASH = "xxh3_128"  # what new checkpoints' manifests record ("hash"); older ones: sha256
 
 OVERLAP_BYTES = 1 << 20  # writes at least this large are hashed on the helper thread while written
 _pool: Optional[ThreadPoolExecutor] = None
@@ -39,13 +41,13 @@ def _helper() -> ThreadPoolExecutor:
 
 
 class HashingWriter:
-    """A write-only file: every byte written to `path` also goes into a SHA-256. No ``fileno`` on
+    """A write-only file: every byte written to `path` also goes into the checkpoint hash. No ``fileno`` on
     purpose, so that torch.save writes through :meth:`write` instead of to the descriptor."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._file = open(self.path, "wb")
-        self._hash = hashlib.sha256()
+        self._hash = new_hash(CHECKPOINT_HASH)
         self.size = 0
 
     def write(self, data) -> int:
@@ -73,7 +75,7 @@ class HashingWriter:
 
 
 class WriteLedger:
-    """The files this process wrote into a checkpoint: {absolute path: (size, sha256)}."""
+    """The files this process wrote into a checkpoint: {absolute path: (size, digest)}."""
 
     def __init__(self):
         self.files: dict[str, tuple[int, str]] = {}
@@ -82,7 +84,7 @@ class WriteLedger:
         self.files[str(Path(path).absolute())] = (size, digest)
 
     def relative_to(self, root: Path) -> dict[str, tuple[int, str]]:
-        """{path relative to `root`: (size, sha256)} of the recorded files under `root`."""
+        """{path relative to `root`: (size, digest)} of the recorded files under `root`."""
         root = Path(root).absolute()
         out = {}
         for path, entry in self.files.items():
@@ -112,7 +114,7 @@ def _record(path, size: int, digest: str) -> None:
 
 
 def hashed_save(obj, path, **kwargs) -> tuple[int, str]:
-    """``torch.save(obj, path, **kwargs)``, hashing the bytes as they are written; (size, sha256),
+    """``torch.save(obj, path, **kwargs)``, hashing the bytes as they are written; (size, digest),
     recorded in the active ledger."""
     writer = HashingWriter(Path(path))
     try:
@@ -125,7 +127,7 @@ def hashed_save(obj, path, **kwargs) -> tuple[int, str]:
 
 def claim_written(path) -> None:
     """Record a file this process wrote by other means (hashed here, once, after the fact)."""
-    _record(path, os.path.getsize(path), sha256_file(path))
+    _record(path, os.path.getsize(path), file_digest(path, CHECKPOINT_HASH))
 
 
 class HashingCheckpointEngine:

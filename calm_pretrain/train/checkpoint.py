@@ -8,7 +8,7 @@ Layout of a run directory's ``checkpoints/``::
       trainer_state.json      step, consumed samples, loader state, data fingerprint, model signature,
                               the resolved config, the world size and the engine that wrote engine/
                               ("torch" or "deepspeed"; with config and world size, the saved layout)
-      manifest.json           size, SHA-256 and writing rank of every file above; written last
+      manifest.json           size, digest (XXH3-128) and writing rank of every file above; written last
     latest                    the name of the newest complete checkpoint (replaced atomically)
 
 A save goes to ``step_N.partial/`` and is renamed to ``step_N/`` only after every rank finished
@@ -27,7 +27,6 @@ that were just written or verified.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -45,11 +44,11 @@ from calm_pretrain.errors import CheckpointError
 from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
 from calm_pretrain.parallel.engine_api import ENGINE_KINDS
 from calm_pretrain.parallel.groups import ParallelLayout
-from calm_pretrain.parallel.hashed_writes import WriteLedger, hashed_save, recording
+from calm_pretrain.parallel.hashed_writes import CHECKPOINT_HASH, WriteLedger, hashed_save, recording
 from calm_pretrain.safe_load import safe_load
 from calm_pretrain.train.checkpoint_files import (MANIFEST, check_manifest, checksum_problems, merge_claims,
                                                   share_of, verify_checkpoint)
-from data_pipeline.files import atomic_write_bytes, fsync_dir
+from data_pipeline.files import atomic_write_bytes, fsync_dir, new_hash
 
 __all__ = ["CheckpointError", "Checkpointer", "verify_checkpoint", "MANIFEST"]
 
@@ -82,6 +81,12 @@ def set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def _digest(data: bytes) -> str:
+    h = new_hash(CHECKPOINT_HASH)
+    h.update(data)
+    return h.hexdigest()
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -159,11 +164,12 @@ class Checkpointer:
                      "engine": engine.kind, **trainer_state}
             data = json.dumps(state, indent=1).encode()
             (partial / TRAINER_STATE).write_bytes(data)
-            ledger.record(partial / TRAINER_STATE, len(data), hashlib.sha256(data).hexdigest())
+            ledger.record(partial / TRAINER_STATE, len(data), _digest(data))
 
     def _commit(self, partial: Path, final: Path, step: int, entries: dict, t0: float) -> None:
         """Rank 0: the manifest, the rename to step_N, `latest`, pruning."""
-        manifest = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size, "files": entries,
+        manifest = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size,
+                    "hash": CHECKPOINT_HASH, "files": entries,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_bytes(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
         os.replace(partial, final)
@@ -191,7 +197,7 @@ class Checkpointer:
         manifest, problem = self._bcast(head)
         if problem:
             return problem
-        mine = checksum_problems(path, manifest["files"], share_of(manifest, self.rank, self.world_size))
+        mine = checksum_problems(path, manifest, share_of(manifest, self.rank, self.world_size))
         found = [p for part in (all_gather_object(mine) if self.world_size > 1 else [mine]) for p in part]
         return "; ".join(found) or None
 

@@ -1,7 +1,7 @@
 """A checkpoint's manifest: what every rank claims it wrote, and what every rank verifies.
 
 Saving: each rank hashes the files it writes as it writes them (``parallel/hashed_writes.py``) and
-reports ``{relative path: (size, sha256, rank)}``; rank 0 merges the reports (:func:`merge_claims`) and
+reports ``{relative path: (size, digest, rank)}``; rank 0 merges the reports (:func:`merge_claims`) and
 checks them against the files actually present: a file no rank claims, a file two ranks claim, or a
 claimed file that is not there is an error naming it. The manifest records each file's writer.
 
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from data_pipeline.files import sha256_file
+from data_pipeline.files import HASHES, file_digest
 
 MANIFEST = "manifest.json"
 
@@ -39,6 +39,8 @@ def check_manifest(path: Path) -> tuple[Optional[dict], Optional[str]]:
     manifest, problem = read_manifest(path)
     if problem:
         return None, problem
+    if hash_of(manifest) not in HASHES:
+        return None, f"{MANIFEST} names an unknown hash {hash_of(manifest)!r} (this version knows {HASHES})"
     for rel, entry in manifest["files"].items():
         f = Path(path) / rel
         if not f.is_file():
@@ -48,10 +50,16 @@ def check_manifest(path: Path) -> tuple[Optional[dict], Optional[str]]:
     return manifest, None
 
 
-def checksum_problems(path: Path, files: dict, names) -> list[str]:
-    """The first checksum mismatch among `names` (manifest entries `files`), in name order."""
+def hash_of(manifest: dict) -> str:
+    """The hash a manifest's digests are in (manifests from before it was recorded: SHA-256)."""
+    return manifest.get("hash", "sha256")
+
+
+def checksum_problems(path: Path, manifest: dict, names) -> list[str]:
+    """The first checksum mismatch among the manifest's files `names`, in name order."""
+    files, algorithm = manifest["files"], hash_of(manifest)
     for rel in sorted(names):
-        if sha256_file(Path(path) / rel) != files[rel][1]:
+        if file_digest(Path(path) / rel, algorithm) != files[rel][1]:
             return [f"{rel} does not match its checksum"]
     return []
 
@@ -80,12 +88,12 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> Optional[str]:
     manifest, problem = check_manifest(Path(path))
     if problem or not checksums:
         return problem
-    found = checksum_problems(Path(path), manifest["files"], manifest["files"])
+    found = checksum_problems(Path(path), manifest, manifest["files"])
     return found[0] if found else None
 
 
 def merge_claims(root: Path, claims: list[dict]) -> tuple[dict, Optional[str]]:
-    """The manifest's files from every rank's claims {rel: (size, sha256, rank)}, checked against the
+    """The manifest's files from every rank's claims {rel: (size, digest, rank)}, checked against the
     files under `root`: (files, None), or (files, the problem naming each file that is wrong)."""
     files, problems = {}, []
     for part in claims:

@@ -3,6 +3,7 @@ model-parallel tests. The training data is conftest's `data` fixture (latent and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import yaml
 
@@ -47,3 +48,16 @@ def start_train(cfg_path, run_dir, world_size=2, extra=()):
 def run_train(cfg_path, run_dir, world_size=2, extra=(), timeout=300, expect=0):
     """Run it to the end (one deadline for all ranks); returns the exit codes, each `expect`."""
     return start_train(cfg_path, run_dir, world_size, extra).wait(timeout, expect=expect)
+
+
+def reseal(checkpoint: Path, rel: str) -> None:
+    """Rewrite `checkpoint`'s manifest entry for the file `rel` to match the file as it is now (what a
+    careful attacker, or a test that edits a file on purpose, does), in the manifest's own hash."""
+    from calm_pretrain.train.checkpoint_files import hash_of
+    from data_pipeline.files import file_digest
+
+    manifest_file = Path(checkpoint) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    target = Path(checkpoint) / rel
+    manifest["files"][rel] = [target.stat().st_size, file_digest(target, hash_of(manifest))]
+    manifest_file.write_text(json.dumps(manifest))
