@@ -79,6 +79,10 @@ class TrainConfig:
     eval_every: int = 1000
     save_every: int = 1000
     keep_last: int = 3
+    # Write checkpoints on a background thread: a save blocks training only while the state is copied
+    # to host memory (one more copy of this rank's checkpoint in RAM until it is written), and is
+    # committed at the first log step after every rank's files are on disk (docs/checkpoints.md).
+    async_save: bool = False
     max_nonfinite_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops
     # Divergence (calm_pretrain/train/divergence.py): a step whose loss or gradient norm is more than
     # divergence_ratio times its running median (over the last divergence_window unsuspected steps, once

@@ -126,3 +126,84 @@ def _two_ranks(rank, world_size, root):
 
 def test_two_ranks_a_damaged_file_of_rank_1_falls_back_and_is_named(tmp_path):
     run_distributed_test(_two_ranks, 2, str(tmp_path / "ck"), timeout=120)
+
+
+# ---- background saves (train.async_save) -----------------------------------------------------
+class StateEngine:
+    """An engine whose state is a dict of tensors (two of them views of one storage), saved as is."""
+    kind = "torch"
+
+    def __init__(self):
+        base = torch.arange(1 << 18, dtype=torch.float32)
+        self.state = {"w": base, "half": base[: 1 << 17], "odd": base[1::2], "b": torch.ones(3, dtype=torch.bfloat16),
+                      "meta": {"step": 7, "names": ("a", "b")}}
+
+    def save(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        hashed_save(self.state, path / "engine.pt")
+
+
+class Gate:
+    """Stands in for the writer's function: each write waits until the test opens the gate."""
+
+    def __init__(self, monkeypatch, fail_on=None):
+        import threading
+
+        import calm_pretrain.parallel.hashed_writes as hw
+        self.open, self.real, self.fail_on = threading.Event(), hw._write_hashed, fail_on
+        monkeypatch.setattr(hw, "_write_hashed", self)
+
+    def __call__(self, obj, path, *args):
+        assert self.open.wait(30)
+        if self.fail_on and Path(path).name == self.fail_on:
+            raise OSError(28, "No space left on device")
+        return self.real(obj, path, *args)
+
+
+def test_a_background_save_writes_the_state_as_it_was_when_save_returned(tmp_path, monkeypatch):
+    ck, engine = Checkpointer(tmp_path, log=lambda s: None), StateEngine()
+    ck.save(1, engine, {})
+    gate = Gate(monkeypatch)
+    final = ck.save(2, engine, {"n": 2}, background=True)
+    assert ck.pending is not None and not (final / "manifest.json").exists()
+    assert (tmp_path / "latest").read_text().strip() == "step_00000001"  # nothing committed yet
+    assert ck.finish_pending(wait=False) is None  # the writer has not written
+    expected = {k: v.clone() for k, v in engine.state.items() if isinstance(v, torch.Tensor)}
+    engine.state["w"].add_(1000.0)  # training goes on and changes the live state in place
+    gate.open.set()
+    assert ck.finish_pending(wait=True) == final and ck.pending is None
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002" and verify_checkpoint(final) is None
+    saved = torch.load(final / "engine" / "engine.pt")
+    for name, value in expected.items():
+        assert torch.equal(saved[name], value) and saved[name].dtype == value.dtype, name
+    assert saved["meta"] == {"step": 7, "names": ("a", "b")}
+    # views of one storage are still views of one storage (torch.save writes it once)
+    assert saved["half"].untyped_storage().data_ptr() == saved["w"].untyped_storage().data_ptr()
+    assert saved["odd"].stride() == (2,) and saved["odd"].storage_offset() == 1
+    sync = Checkpointer(tmp_path / "sync", log=lambda s: None).save(2, StateEngine(), {"n": 2})
+    assert (sync / "engine" / "engine.pt").stat().st_size == (final / "engine" / "engine.pt").stat().st_size
+
+
+def test_a_failed_background_write_is_named_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, log=lambda s: None)
+    first = ck.save(1, StateEngine(), {})
+    gate = Gate(monkeypatch, fail_on="engine.pt")
+    ck.save(2, StateEngine(), {}, background=True)
+    gate.open.set()
+    with pytest.raises(CheckpointError, match=r"not saved: rank 0 could not write .*engine\.pt: OSError.*No space left"):
+        ck.finish_pending(wait=True)
+    assert (tmp_path / "latest").read_text().strip() == "step_00000001" and verify_checkpoint(first) is None
+    assert not (tmp_path / "step_00000002").exists()
+    monkeypatch.undo()  # the disk has room again
+    ck.save(3, StateEngine(), {})  # the next save removes the partial directory and goes on
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001", "step_00000003"]
+
+
+def test_a_second_save_waits_for_the_first_one_in_flight(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, keep_last=5, log=lambda s: None)
+    gate = Gate(monkeypatch)
+    ck.save(1, StateEngine(), {}, background=True)
+    gate.open.set()
+    ck.save(2, StateEngine(), {})  # commits step 1 first: never two snapshots in memory
+    assert [p.name for p in ck.complete_checkpoints()] == ["step_00000001", "step_00000002"]
+    assert all(verify_checkpoint(p) is None for p in ck.complete_checkpoints())

@@ -9,7 +9,11 @@ Two CPU processes (gloo), ZeRO-1, fp32: build the model, one optimizer step on a
   (a) bare:  engine.save_checkpoint(dir, tag) and engine.load_checkpoint(dir, tag)
   (b) ours:  Checkpointer.save (hashing, manifest, rename, `latest`) and the resume path: a fresh
              Checkpointer's find_resumable() (verification), the engine's load (safe_load allow-list)
-             and the RNG states
+             and the RNG states; then DeepSpeed's bare load_checkpoint of that same checkpoint
+             ("bare_load_ours": what the resume costs beyond choosing and safe loading)
+  (c) async: Checkpointer.save(background=True): the time training is blocked (the state copied to
+             host memory), then --steps training steps while the files are written, then the wait
+             for the commit; and --steps steps with no save in flight, for comparison
 
 each timed between barriers (the slowest rank decides). Reported: the median of each, and the ratios
 ours/bare for save and resume (target <= 1.15). The same script run with PYTHONPATH naming another
@@ -59,11 +63,15 @@ def _engine(config, overrides, world):
     model = build_model(cfg.model)
     engine = DeepSpeedEngine(model, cfg, world)
     batch = spec_of(cfg.model).example_batch(cfg.model, 1, cfg.data.seq_chunks, torch.Generator().manual_seed(0))
-    engine.step(iter([batch]), 1e-4, lambda forward, b: model_loss(cfg.model, forward, b))
-    return cfg, engine, sum(p.numel() for p in model.parameters())
+
+    def step():
+        engine.step(iter([batch]), 1e-4, lambda forward, b: model_loss(cfg.model, forward, b))
+
+    step()
+    return cfg, engine, sum(p.numel() for p in model.parameters()), step
 
 
-def _rank(rank, world, port, config, overrides, reps, root, out):
+def _rank(rank, world, port, config, overrides, reps, root, out, steps):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
@@ -73,11 +81,12 @@ def _rank(rank, world, port, config, overrides, reps, root, out):
 
     init_distributed()
     t0 = time.perf_counter()
-    cfg, engine, params = _engine(config, overrides, world)
+    cfg, engine, params, train_step = _engine(config, overrides, world)
     built = time.perf_counter() - t0
     root = Path(root)
     layout = ParallelLayout.of_run(cfg.parallel, world)
-    times = {"bare_save": [], "bare_load": [], "save": [], "resume": [], "resume_choose": []}
+    times = {"bare_save": [], "bare_load": [], "save": [], "resume": [], "resume_choose": [], "bare_load_ours": [],
+             "async_blocked": [], "steps_while_writing": [], "async_wait": [], "steps_alone": []}
     quiet = lambda s: None  # noqa: E731
     for i in range(reps):
         bare = root / "bare"
@@ -99,6 +108,13 @@ def _rank(rank, world, port, config, overrides, reps, root, out):
             ours.load_rng(path)
 
         times["resume"].append(_timed(resume))
+        last = root / "ours" / f"step_{i + 1:08d}" / "engine"
+        times["bare_load_ours"].append(_timed(lambda: engine.engine.load_checkpoint(
+            str(last.parent), tag=last.name, load_optimizer_states=True, load_lr_scheduler_states=False)))
+        times["async_blocked"].append(_timed(lambda: ours.save(1000 + i, engine, {"bench": i}, background=True)))
+        times["steps_while_writing"].append(_timed(lambda: [train_step() for _ in range(steps)]))
+        times["async_wait"].append(_timed(lambda: ours.finish_pending(wait=True)))
+        times["steps_alone"].append(_timed(lambda: [train_step() for _ in range(steps)]))
         barrier()
         if rank == 0:
             shutil.rmtree(root / "ours")
@@ -119,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--label", default="this checkout")
     ap.add_argument("--override", nargs="*", default=[])
+    ap.add_argument("--steps", type=int, default=2, help="training steps timed while a background save writes")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +146,7 @@ def main(argv=None) -> int:
     port, ctx = _port(), mp.get_context("spawn")
     raw = out / "checkpoint_bench.raw.json"
     procs = [ctx.Process(target=_rank, args=(r, args.world_size, port, args.config, overrides, args.reps, str(root),
-                                             str(raw))) for r in range(args.world_size)]
+                                             str(raw), args.steps)) for r in range(args.world_size)]
     for p in procs:
         p.start()
     for p in procs:
@@ -143,10 +160,13 @@ def main(argv=None) -> int:
     summary = {"label": args.label, "config": args.config, "overrides": overrides, "world_size": args.world_size,
                "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result, "median_s": med,
                "save_over_bare_save": med["save"] / med["bare_save"],
-               "resume_over_bare_load": med["resume"] / med["bare_load"], "target": 1.15}
+               "resume_over_bare_load": med["resume"] / med["bare_load"], "target": 1.15,
+               "async_blocked_over_save": med["async_blocked"] / med["save"],
+               "steps_while_writing_over_alone": med["steps_while_writing"] / med["steps_alone"]}
     (out / "checkpoint_bench.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: summary[k] for k in ("label", "parameters", "median_s", "save_over_bare_save",
-                                              "resume_over_bare_load")}, indent=1), file=sys.stderr)
+                                              "resume_over_bare_load", "async_blocked_over_save",
+                                              "steps_while_writing_over_alone")}, indent=1), file=sys.stderr)
     return 0
 
 

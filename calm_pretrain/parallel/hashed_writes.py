@@ -11,10 +11,17 @@ DeepSpeed writes every file of its checkpoints through ``engine.checkpoint_engin
 path)`` on the rank that owns it; :func:`install_hashing_engine` wraps that engine so its torch.save goes
 through a HashingWriter. What DeepSpeed writes otherwise (its recovery scripts, copied by global rank 0)
 is claimed with :func:`claim_written`, which hashes the file once after the fact.
+
+An asynchronous save (``train.async_save``) records with a :class:`BackgroundWriter`: hashed_save
+then copies the state it is given (:func:`snapshot`: on the host, each storage once) and returns,
+and the writer's thread writes and hashes the copy while training goes on. The checkpointer commits
+the checkpoint once every rank's writer is done (train/checkpoint.py).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +74,10 @@ class HashingWriter:
     def flush(self) -> None:
         self._file.flush()
 
-    def close(self) -> None:
+    def close(self, durable: bool = False) -> None:
+        if durable:
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._file.close()
 
     def hexdigest(self) -> str:
@@ -79,6 +89,7 @@ class WriteLedger:
 
     def __init__(self):
         self.files: dict[str, tuple[int, str]] = {}
+        self.background: Optional[BackgroundWriter] = None  # set by recording()
 
     def record(self, path, size: int, digest: str) -> None:
         self.files[str(Path(path).absolute())] = (size, digest)
@@ -98,9 +109,12 @@ _active: list[WriteLedger] = []
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[WriteLedger]:
-    """Within: every hashed_save / claim_written of this process is recorded in the yielded ledger."""
+def recording(background: Optional["BackgroundWriter"] = None) -> Iterator[WriteLedger]:
+    """Within: every hashed_save / claim_written of this process is recorded in the yielded ledger.
+    With a `background` writer, hashed_save copies what it is given and returns at once; the writer
+    writes it, hashes it and records it (``background.wait()`` says when all of it is on disk)."""
     ledger = WriteLedger()
+    ledger.background = background
     _active.append(ledger)
     try:
         yield ledger
@@ -108,26 +122,100 @@ def recording() -> Iterator[WriteLedger]:
         _active.remove(ledger)
 
 
-def _record(path, size: int, digest: str) -> None:
-    for ledger in _active:
+def _record(ledgers, path, size: int, digest: str) -> None:
+    for ledger in ledgers:
         ledger.record(path, size, digest)
 
 
-def hashed_save(obj, path, **kwargs) -> tuple[int, str]:
-    """``torch.save(obj, path, **kwargs)``, hashing the bytes as they are written; (size, digest),
-    recorded in the active ledger."""
+def _write_hashed(obj, path, kwargs: dict, ledgers, durable: bool = False) -> tuple[int, str]:
     writer = HashingWriter(Path(path))
     try:
         torch.save(obj, writer, **kwargs)
     finally:
-        writer.close()
-    _record(path, writer.size, writer.hexdigest())
+        writer.close(durable)
+    _record(ledgers, path, writer.size, writer.hexdigest())
     return writer.size, writer.hexdigest()
+
+
+def hashed_save(obj, path, **kwargs) -> Optional[tuple[int, str]]:
+    """``torch.save(obj, path, **kwargs)``, hashing the bytes as they are written; (size, digest),
+    recorded in the active ledger. Under a background recording: a copy of `obj` is queued, None."""
+    ledgers = list(_active)
+    background = next((ledger.background for ledger in ledgers if ledger.background is not None), None)
+    if background is not None:
+        background.submit(snapshot(obj), path, kwargs, ledgers)
+        return None
+    return _write_hashed(obj, path, kwargs, ledgers)
+
+
+# ---- writing in the background ---------------------------------------------------------------
+def snapshot(obj, storages: Optional[dict] = None):
+    """A copy of `obj` that training may not change: every tensor's storage copied once (views of one
+    storage stay views of one copy, so torch.save writes the same records) to host memory (pinned,
+    from an accelerator); containers rebuilt, other objects deep-copied (small: scalers, enums)."""
+    storages = {} if storages is None else storages
+    if isinstance(obj, torch.Tensor):
+        return _snapshot_tensor(obj.detach(), storages)
+    if isinstance(obj, dict):
+        out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = snapshot(v, storages)
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [snapshot(v, storages) for v in obj]
+        if type(obj) in (list, tuple):
+            return type(obj)(items)
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple: its fields
+    return copy.deepcopy(obj)
+
+
+def _snapshot_tensor(t: torch.Tensor, storages: dict) -> torch.Tensor:
+    storage = t.untyped_storage()
+    key = (storage.data_ptr(), storage.device, storage.nbytes())
+    if key not in storages:
+        raw = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        if storage.device.type == "cpu":
+            copied = raw.clone()
+        else:  # the usual asynchronous save: device to pinned host memory, waited for once in submit()
+            copied = torch.empty(raw.shape, dtype=torch.uint8, pin_memory=True)
+            copied.copy_(raw, non_blocking=True)
+        storages[key] = copied.untyped_storage()
+    out = torch.empty(0, dtype=t.dtype, device=storages[key].device)
+    return out.set_(storages[key], t.storage_offset(), t.size(), t.stride())
+
+
+class BackgroundWriter:
+    """Writes one checkpoint's queued snapshots on a thread of its own, in order. ``wait`` returns
+    None when all of them are written and recorded, or what went wrong (the first error)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
+        self._jobs = []
+
+    def submit(self, obj, path, kwargs: dict, ledgers) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies to pinned memory above have landed
+        # durable: fsynced before the checkpoint is committed (off the step's path here, so it costs
+        # training nothing; a synchronous save leaves writeback to the OS, as DeepSpeed's does)
+        self._jobs.append((Path(path), self._pool.submit(_write_hashed, obj, path, kwargs, ledgers, True)))
+
+    def done(self) -> bool:
+        return all(job.done() for _, job in self._jobs)
+
+    def wait(self) -> Optional[str]:
+        errors = []
+        for path, job in self._jobs:
+            try:
+                job.result()
+            except Exception as e:  # noqa: BLE001 — reported to every rank by the checkpointer, not lost
+                errors.append(f"{path}: {type(e).__name__}: {e}")
+        self._pool.shutdown()
+        return errors[0] if errors else None
 
 
 def claim_written(path) -> None:
     """Record a file this process wrote by other means (hashed here, once, after the fact)."""
-    _record(path, os.path.getsize(path), file_digest(path, CHECKPOINT_HASH))
+    _record(list(_active), path, os.path.getsize(path), file_digest(path, CHECKPOINT_HASH))
 
 
 class HashingCheckpointEngine:

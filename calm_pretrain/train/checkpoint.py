@@ -27,6 +27,7 @@ that were just written or verified.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -44,7 +45,8 @@ from calm_pretrain.errors import CheckpointError
 from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
 from calm_pretrain.parallel.engine_api import ENGINE_KINDS
 from calm_pretrain.parallel.groups import ParallelLayout
-from calm_pretrain.parallel.hashed_writes import CHECKPOINT_HASH, WriteLedger, hashed_save, recording
+from calm_pretrain.parallel.hashed_writes import (CHECKPOINT_HASH, BackgroundWriter, WriteLedger, hashed_save,
+                                                  recording)
 from calm_pretrain.safe_load import safe_load
 from calm_pretrain.train.checkpoint_files import (MANIFEST, check_manifest, checksum_problems, merge_claims,
                                                   share_of, verify_checkpoint)
@@ -112,6 +114,17 @@ def _legacy_engine_kind(path: Path) -> str:
     return "torch" if (path / "engine" / "engine.pt").is_file() else "deepspeed"
 
 
+@dataclasses.dataclass
+class PendingSave:
+    """A save whose files are written (or being written, by `writer`) and not yet committed."""
+    step: int
+    partial: Path
+    final: Path
+    writer: Optional[BackgroundWriter]
+    ledger: Optional[WriteLedger] = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
 class Checkpointer:
     """Saves and finds checkpoints under ``root``; every rank calls every method (collectives inside)."""
 
@@ -123,9 +136,15 @@ class Checkpointer:
         # checksummed at most once per launch, however often pruning looks at it.
         self._problems: dict[str, Optional[str]] = {}
         self.resumed_from: Optional[Path] = None
+        self.pending: Optional[PendingSave] = None  # a background save not yet committed
 
     # ---- saving ------------------------------------------------------------------------------
-    def save(self, step: int, engine, trainer_state: dict) -> Path:
+    def save(self, step: int, engine, trainer_state: dict, background: bool = False) -> Path:
+        """Write checkpoint `step` and commit it (manifest, rename, `latest`, pruning). With
+        `background`, the state is copied and written on a thread while training goes on, and the
+        checkpoint is committed by a later :meth:`finish_pending`; at most one save is in flight
+        (a second one waits for the first). Collective: every rank calls it."""
+        self.finish_pending(wait=True)
         final = self.root / step_dir_name(step)
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
@@ -136,24 +155,56 @@ class Checkpointer:
                 shutil.rmtree(final)
             (partial / "rng").mkdir(parents=True)
         barrier()
-        t0 = time.perf_counter()
-        with recording() as ledger:
-            self._write(partial, step, engine, trainer_state, ledger)
-        # Every rank hashed what it wrote; rank 0 checks the claims against the files and writes the manifest.
-        mine = {rel: (size, digest, self.rank) for rel, (size, digest) in ledger.relative_to(partial).items()}
-        claims = all_gather_object(mine)
+        pending = PendingSave(step, partial, final, BackgroundWriter() if background else None)
+        with recording(pending.writer) as pending.ledger:
+            self._write(partial, step, engine, trainer_state, pending.ledger)
+        if background:
+            self.pending = pending
+            return final
+        return self._commit_pending(pending)
+
+    def finish_pending(self, wait: bool = True) -> Optional[Path]:
+        """Commit the save in flight, if any: the checkpoint's path once committed, else None. Without
+        `wait`, only if every rank's writer is already done. Collective: every rank calls it."""
+        pending = self.pending
+        if pending is None:
+            return None
+        if not wait and not all(self._gather(pending.writer.done())):
+            return None
+        self.pending = None
+        return self._commit_pending(pending)
+
+    def abandon_pending(self) -> None:
+        """After an error on this rank alone: let the writer finish its files, commit nothing (no
+        collective). The partial directory is removed by the next save; the last committed checkpoint
+        stays what `latest` names."""
+        if self.pending is not None:
+            self.pending.writer.wait()
+            self.pending = None
+
+    def _gather(self, obj) -> list:
+        return all_gather_object(obj) if self.world_size > 1 else [obj]
+
+    def _commit_pending(self, pending: "PendingSave") -> Path:
+        """Every rank's files are written and hashed; rank 0 checks the claims against the files and
+        writes the manifest, or every rank raises the same error."""
+        failed = pending.writer.wait() if pending.writer else None
+        mine = {rel: (size, digest, self.rank) for rel, (size, digest) in pending.ledger.relative_to(pending.partial).items()}
+        reports = self._gather((mine, failed))
         self._verify_all(self._listed())  # the older checkpoints pruning looks at, checksummed together
         error = None
         if self.rank == 0:
-            entries, error = merge_claims(partial, claims)
+            failures = [f"rank {r} could not write {f}" for r, (_, f) in enumerate(reports) if f]
+            entries, error = merge_claims(pending.partial, [claims for claims, _ in reports])
+            error = "; ".join(failures) or error
             if error is None:
-                self._commit(partial, final, step, entries, t0)
+                self._commit(pending.partial, pending.final, pending.step, entries, pending.started)
         error = broadcast_object(error)
         if error:
-            raise CheckpointError(f"checkpoint {partial} not saved: {error}")
-        self._problems[final.name] = None  # just written and hashed
+            raise CheckpointError(f"checkpoint {pending.partial} not saved: {error}")
+        self._problems[pending.final.name] = None  # just written and hashed
         barrier()
-        return final
+        return pending.final
 
     def _write(self, partial: Path, step: int, engine, trainer_state: dict, ledger: WriteLedger) -> None:
         """This rank's files of the checkpoint, each hashed as it is written."""

@@ -206,13 +206,29 @@ class Trainer:
         steps, before every checkpoint, and on steps that must be seen (skipped, evaluated, the last, a
         stop). There the window's numbers are agreed over ranks, each of its steps is judged for
         divergence in order, and the rows are written."""
-        cfg = self.cfg.train
-        max_steps = max_steps or cfg.max_steps
+        max_steps = max_steps or self.cfg.train.max_steps
         history: list[dict] = []
         for cb in self.callbacks:
             cb.on_train_start(self)
         self.exit_reason = "running"
         vote = dist.StopVote()
+        try:
+            self._loop(max_steps, vote, history)
+        except TrainingDiverged:  # raised on every rank alike (its numbers are agreed): commit the save in flight
+            self._finish_pending_save()
+            raise
+        except BaseException:  # maybe this rank alone: no collective; the last committed checkpoint stays
+            if self.checkpointer is not None:
+                self.checkpointer.abandon_pending()
+            raise
+        self._finish_pending_save()
+        vote.finish()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return history
+
+    def _loop(self, max_steps: int, vote, history: list[dict]) -> None:
+        cfg = self.cfg.train
         window: list[dict] = []
         window_start = time.perf_counter()
         while self.step < max_steps:
@@ -225,28 +241,29 @@ class Trainer:
             window.append(record)
             for cb in self.callbacks:  # numbers still on the device: see Callback
                 cb.on_step_end(self, record)
-            saving = self.checkpointer is not None and (stop or self.step % cfg.save_every == 0
-                                                        or self.step == max_steps)
-            if (saving or stop or self.step % cfg.log_every == 0 or self.step == max_steps or record["skipped"]
+            last = stop or self.step == max_steps
+            saving = self.checkpointer is not None and (last or self.step % cfg.save_every == 0)
+            if (saving or last or self.step % cfg.log_every == 0 or record["skipped"]
                     or any(k.startswith("eval/") for k in record)):
                 self._close_window(window, time.perf_counter() - window_start, max_steps)
                 window, window_start = [], time.perf_counter()
+                if self.checkpointer is not None:  # a background save whose files are all written: commit it
+                    self.checkpointer.finish_pending(wait=False)
             if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 self.exit_reason = "nonfinite"
                 raise TrainingDiverged(
                     f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step} (train.max_nonfinite_steps="
                     f"{cfg.max_nonfinite_steps}); {self._last_good_message()}")
-            if saving:
-                self.save_checkpoint()
+            if saving:  # the last save of a launch (a stop, the end) is committed before the loop ends
+                self.save_checkpoint(background=cfg.async_save and not last)
             if stop:
                 self.exit_reason = "preempted"
-                break
-        else:
-            self.exit_reason = "completed"
-        vote.finish()
-        for cb in self.callbacks:
-            cb.on_train_end(self)
-        return history
+                return
+        self.exit_reason = "completed"
+
+    def _finish_pending_save(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.finish_pending(wait=True)
 
     def _close_window(self, window: list[dict], seconds: float, max_steps: int) -> None:
         """Agree the window's numbers, judge its steps in order and log the rows that must be seen: the
@@ -372,8 +389,8 @@ class Trainer:
         self.last_good_checkpoint = Path(divergence["last_good_checkpoint"]) \
             if divergence.get("last_good_checkpoint") else None
 
-    def save_checkpoint(self) -> Path:
-        return self.checkpointer.save(self.step, self.engine, self.state_dict())
+    def save_checkpoint(self, background: bool = False) -> Path:
+        return self.checkpointer.save(self.step, self.engine, self.state_dict(), background=background)
 
     def _check_engine_kind(self, path: Path, state: dict) -> None:
         """A plain-PyTorch checkpoint (engine.pt) and a DeepSpeed one are not interchangeable: say what to
