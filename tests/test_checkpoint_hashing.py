@@ -207,3 +207,18 @@ def test_a_second_save_waits_for_the_first_one_in_flight(tmp_path, monkeypatch):
     ck.save(2, StateEngine(), {})  # commits step 1 first: never two snapshots in memory
     assert [p.name for p in ck.complete_checkpoints()] == ["step_00000001", "step_00000002"]
     assert all(verify_checkpoint(p) is None for p in ck.complete_checkpoints())
+
+
+def test_background_saves_reuse_their_host_memory_and_write_each_saves_state(tmp_path):
+    ck, engine = Checkpointer(tmp_path, keep_last=5, log=lambda s: None), StateEngine()
+    first = ck.save(1, engine, {}, background=True)
+    ck.finish_pending()
+    held = sorted(b.data_ptr() for bufs in ck._buffers._free.values() for b in bufs)
+    original = engine.state["w"].clone()
+    engine.state["w"].mul_(-1.0)
+    second = ck.save(2, engine, {}, background=True)
+    ck.finish_pending()
+    assert sorted(b.data_ptr() for bufs in ck._buffers._free.values() for b in bufs) == held  # no new memory
+    assert torch.equal(torch.load(first / "engine" / "engine.pt")["w"], original)
+    assert torch.equal(torch.load(second / "engine" / "engine.pt")["w"], -original)
+    assert verify_checkpoint(first) is None and verify_checkpoint(second) is None

@@ -15,8 +15,10 @@ from tests.helpers.seeds import draw_seed
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [1, 3])
-def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, data, zero_stage):
+@pytest.mark.parametrize("zero_stage,async_save", [(1, False), (3, False), (1, True)])
+def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, data, zero_stage, async_save):
+    """With async_save the kill may come while a checkpoint is being written in the background: the
+    resume then starts from the last committed one, and still gives the same numbers."""
     straight = tmp_path / "straight"
     cfg = train_config(tmp_path / "straight.yaml", data, straight, zero_stage=zero_stage)
     assert run_train(cfg, straight) == [0, 0], read_log(straight)
@@ -24,7 +26,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, data, zero_
     assert [s for s, _, _ in reference] == list(range(1, STEPS + 1))
 
     killed = tmp_path / "killed"
-    cfg = train_config(tmp_path / "killed.yaml", data, killed, zero_stage=zero_stage)
+    cfg = train_config(tmp_path / "killed.yaml", data, killed, zero_stage=zero_stage, async_save=async_save)
     seed = draw_seed("kill step")  # printed; CALM_TEST_SEED=<seed> replays the same kill step
     kill_at = np.random.default_rng(seed).integers(4, STEPS - 3, endpoint=True)
     ranks = start_train(cfg, killed)

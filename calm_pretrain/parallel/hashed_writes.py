@@ -143,61 +143,90 @@ def hashed_save(obj, path, **kwargs) -> Optional[tuple[int, str]]:
     ledgers = list(_active)
     background = next((ledger.background for ledger in ledgers if ledger.background is not None), None)
     if background is not None:
-        background.submit(snapshot(obj), path, kwargs, ledgers)
+        background.submit(obj, path, kwargs, ledgers)
         return None
     return _write_hashed(obj, path, kwargs, ledgers)
 
 
 # ---- writing in the background ---------------------------------------------------------------
-def snapshot(obj, storages: Optional[dict] = None):
+def snapshot(obj, storages: Optional[dict] = None, buffers: Optional["HostBuffers"] = None):
     """A copy of `obj` that training may not change: every tensor's storage copied once (views of one
     storage stay views of one copy, so torch.save writes the same records) to host memory (pinned,
-    from an accelerator); containers rebuilt, other objects deep-copied (small: scalers, enums)."""
+    from an accelerator; from `buffers` when given); containers rebuilt, other objects deep-copied
+    (small: scalers, enums)."""
     storages = {} if storages is None else storages
+    buffers = buffers or HostBuffers()
     if isinstance(obj, torch.Tensor):
-        return _snapshot_tensor(obj.detach(), storages)
+        return _snapshot_tensor(obj.detach(), storages, buffers)
     if isinstance(obj, dict):
         out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else copy.copy(obj)
         for k, v in obj.items():
-            out[k] = snapshot(v, storages)
+            out[k] = snapshot(v, storages, buffers)
         return out
     if isinstance(obj, (list, tuple)):
-        items = [snapshot(v, storages) for v in obj]
+        items = [snapshot(v, storages, buffers) for v in obj]
         if type(obj) in (list, tuple):
             return type(obj)(items)
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # a namedtuple: its fields
     return copy.deepcopy(obj)
 
 
-def _snapshot_tensor(t: torch.Tensor, storages: dict) -> torch.Tensor:
+def _snapshot_tensor(t: torch.Tensor, storages: dict, buffers: "HostBuffers") -> torch.Tensor:
     storage = t.untyped_storage()
     key = (storage.data_ptr(), storage.device, storage.nbytes())
     if key not in storages:
         raw = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-        if storage.device.type == "cpu":
-            copied = raw.clone()
-        else:  # the usual asynchronous save: device to pinned host memory, waited for once in submit()
-            copied = torch.empty(raw.shape, dtype=torch.uint8, pin_memory=True)
-            copied.copy_(raw, non_blocking=True)
+        copied = buffers.take(storage.nbytes(), pinned=storage.device.type != "cpu")
+        # from an accelerator: to pinned host memory, asynchronously; BackgroundWriter.start waits once
+        copied.copy_(raw, non_blocking=storage.device.type != "cpu")
         storages[key] = copied.untyped_storage()
-    out = torch.empty(0, dtype=t.dtype, device=storages[key].device)
+    out = torch.empty(0, dtype=t.dtype, device="cpu")
     return out.set_(storages[key], t.storage_offset(), t.size(), t.stride())
 
 
-class BackgroundWriter:
-    """Writes one checkpoint's queued snapshots on a thread of its own, in order. ``wait`` returns
-    None when all of them are written and recorded, or what went wrong (the first error)."""
+class HostBuffers:
+    """Host memory for snapshots, kept from one background save to the next: the same state has the
+    same storage sizes every time, so after the first save no page is allocated (and none pinned,
+    which is slow) again. Holds one copy of this rank's checkpoint for the rest of the run."""
 
     def __init__(self):
+        self._free: dict[tuple[int, bool], list[torch.Tensor]] = collections.defaultdict(list)
+        self._lent: list[tuple[tuple[int, bool], torch.Tensor]] = []
+
+    def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        key = (nbytes, pinned)
+        buf = self._free[key].pop() if self._free[key] else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self._lent.append((key, buf))
+        return buf
+
+    def give_back(self) -> None:
+        """Everything lent is free again (its files are written)."""
+        for key, buf in self._lent:
+            self._free[key].append(buf)
+        self._lent = []
+
+
+class BackgroundWriter:
+    """Writes one checkpoint's queued snapshots on a thread of its own, in order, once :meth:`start`
+    is called (the save's copies are all made: the writer does not compete with them). ``wait``
+    returns None when all of them are written and recorded, or what went wrong (the first error)."""
+
+    def __init__(self, buffers: Optional[HostBuffers] = None):
+        self.buffers = buffers or HostBuffers()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
-        self._jobs = []
+        self._queued, self._jobs = [], []
 
     def submit(self, obj, path, kwargs: dict, ledgers) -> None:
+        self._queued.append((snapshot(obj, buffers=self.buffers), Path(path), kwargs, ledgers))
+
+    def start(self) -> None:
         if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copies to pinned memory above have landed
-        # durable: fsynced before the checkpoint is committed (off the step's path here, so it costs
-        # training nothing; a synchronous save leaves writeback to the OS, as DeepSpeed's does)
-        self._jobs.append((Path(path), self._pool.submit(_write_hashed, obj, path, kwargs, ledgers, True)))
+            torch.cuda.synchronize()  # the copies to pinned memory have landed
+        for obj, path, kwargs, ledgers in self._queued:
+            # durable: fsynced before the checkpoint is committed (off the step's path here, so it costs
+            # training nothing; a synchronous save leaves writeback to the OS, as DeepSpeed's does)
+            self._jobs.append((path, self._pool.submit(_write_hashed, obj, path, kwargs, ledgers, True)))
+        self._queued = []
 
     def done(self) -> bool:
         return all(job.done() for _, job in self._jobs)
@@ -210,6 +239,8 @@ class BackgroundWriter:
             except Exception as e:  # noqa: BLE001 — reported to every rank by the checkpointer, not lost
                 errors.append(f"{path}: {type(e).__name__}: {e}")
         self._pool.shutdown()
+        self._jobs = []
+        self.buffers.give_back()
         return errors[0] if errors else None
 
 

@@ -45,8 +45,8 @@ from calm_pretrain.errors import CheckpointError
 from calm_pretrain.parallel.distributed import all_gather_object, barrier, broadcast_object
 from calm_pretrain.parallel.engine_api import ENGINE_KINDS
 from calm_pretrain.parallel.groups import ParallelLayout
-from calm_pretrain.parallel.hashed_writes import (CHECKPOINT_HASH, BackgroundWriter, WriteLedger, hashed_save,
-                                                  recording)
+from calm_pretrain.parallel.hashed_writes import (CHECKPOINT_HASH, BackgroundWriter, HostBuffers, WriteLedger,
+                                                  hashed_save, recording)
 from calm_pretrain.safe_load import safe_load
 from calm_pretrain.train.checkpoint_files import (MANIFEST, check_manifest, checksum_problems, merge_claims,
                                                   share_of, verify_checkpoint)
@@ -137,6 +137,7 @@ class Checkpointer:
         self._problems: dict[str, Optional[str]] = {}
         self.resumed_from: Optional[Path] = None
         self.pending: Optional[PendingSave] = None  # a background save not yet committed
+        self._buffers = HostBuffers()  # the host copies background saves write from, reused
 
     # ---- saving ------------------------------------------------------------------------------
     def save(self, step: int, engine, trainer_state: dict, background: bool = False) -> Path:
@@ -155,10 +156,11 @@ class Checkpointer:
                 shutil.rmtree(final)
             (partial / "rng").mkdir(parents=True)
         barrier()
-        pending = PendingSave(step, partial, final, BackgroundWriter() if background else None)
+        pending = PendingSave(step, partial, final, BackgroundWriter(self._buffers) if background else None)
         with recording(pending.writer) as pending.ledger:
             self._write(partial, step, engine, trainer_state, pending.ledger)
         if background:
+            pending.writer.start()
             self.pending = pending
             return final
         return self._commit_pending(pending)
