@@ -81,3 +81,29 @@ def test_the_trainer_runs_bf16_on_the_gpu(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 7))
     assert all(np.isfinite(r["loss"]) and r["memory_gb"] > 0 for r in records)
     assert "device cuda" in (run / "ranks.txt").read_text()
+
+
+def test_a_background_save_copies_device_state_to_pinned_host_memory(tmp_path):
+    """train.async_save on a GPU: the snapshot is taken from the device into pinned host memory before
+    save returns, so changing the device tensors afterwards does not reach the file."""
+    from calm_pretrain.train.checkpoint import Checkpointer, verify_checkpoint
+    from calm_pretrain.parallel.hashed_writes import hashed_save
+
+    class DeviceEngine:
+        kind = "torch"
+
+        def __init__(self):
+            self.w = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+
+        def save(self, path: Path) -> None:
+            path.mkdir(parents=True, exist_ok=True)
+            hashed_save({"w": self.w, "view": self.w[1::2]}, path / "engine.pt")
+
+    ck, engine = Checkpointer(tmp_path, log=lambda s: None), DeviceEngine()
+    expected = engine.w.cpu().clone()
+    final = ck.save(1, engine, {}, background=True)
+    engine.w.mul_(-1.0)  # the next steps change the device state
+    assert ck.finish_pending() == final and verify_checkpoint(final) is None
+    saved = torch.load(final / "engine" / "engine.pt", map_location="cpu")
+    assert torch.equal(saved["w"], expected) and torch.equal(saved["view"], expected[1::2])
+    assert ck._buffers._free and all(b.is_pinned() for bufs in ck._buffers._free.values() for b in bufs)
