@@ -11,7 +11,7 @@ Two CPU processes (gloo), ZeRO-1, fp32: build the model, one optimizer step on a
              Checkpointer's find_resumable() (verification), the engine's load (safe_load allow-list)
              and the RNG states; and DeepSpeed's bare load_checkpoint of that same checkpoint
              ("bare_load_ours"), the two loads in alternating order
-  (c) async, after the rounds above: Checkpointer.save(background=True): the time training is blocked (the state copied to
+  (c) async, after the rounds above: a synchronous Checkpointer.save, then one with background=True: the time training is blocked (the state copied to
              host memory), then --steps training steps while the files are written, then the wait
              for the commit; and --steps steps with no save in flight, for comparison. One
              Checkpointer for all rounds (keep_last=1), as in a run: the first round allocates the
@@ -73,7 +73,7 @@ def _engine(config, overrides, world):
     return cfg, engine, sum(p.numel() for p in model.parameters()), step
 
 
-def _rank(rank, world, port, config, overrides, reps, root, out, steps):
+def _rank(rank, world, port, config, overrides, reps, root, out, steps, parts):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     torch.set_num_threads(1)
@@ -88,11 +88,11 @@ def _rank(rank, world, port, config, overrides, reps, root, out, steps):
     root = Path(root)
     layout = ParallelLayout.of_run(cfg.parallel, world)
     times = {"bare_save": [], "bare_load": [], "save": [], "resume": [], "resume_choose": [], "bare_load_ours": [],
-             "async_blocked": [], "steps_while_writing": [], "async_wait": [], "steps_alone": []}
+             "sync_save": [], "async_blocked": [], "steps_while_writing": [], "async_wait": [], "steps_alone": []}
     quiet = lambda s: None  # noqa: E731
     bare_load = lambda d, tag: engine.engine.load_checkpoint(  # noqa: E731
         str(d), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
-    for i in range(reps):
+    for i in range(reps if "resume" in parts else 0):
         bare = root / "bare"
         times["bare_save"].append(_timed(lambda: engine.engine.save_checkpoint(str(bare), tag=f"t{i}", save_latest=False)))
         times["bare_load"].append(_timed(lambda: bare_load(bare, f"t{i}")))
@@ -122,7 +122,8 @@ def _rank(rank, world, port, config, overrides, reps, root, out, steps):
     # otherwise crowd the page cache the loads read from). One Checkpointer for every round, as in a run:
     # the first save allocates the host buffers, the later ones reuse them.
     background = Checkpointer(root / "async", keep_last=1, rank=rank, world_size=world, log=quiet)
-    for i in range(reps):
+    for i in range(reps if "async" in parts else 0):
+        times["sync_save"].append(_timed(lambda: background.save(2000 + i, engine, {"bench": i})))  # the same, waited for
         times["async_blocked"].append(_timed(lambda: background.save(1000 + i, engine, {"bench": i}, background=True)))
         times["steps_while_writing"].append(_timed(lambda: [train_step() for _ in range(steps)]))
         times["async_wait"].append(_timed(lambda: background.finish_pending(wait=True)))
@@ -143,6 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--label", default="this checkout")
     ap.add_argument("--override", nargs="*", default=[])
+    ap.add_argument("--parts", default="resume,async",
+                    help="which parts to run: resume (a, b) and/or async (c); apart, each in fresh processes, "
+                         "when memory is short (async holds one more copy of the state)")
     ap.add_argument("--steps", type=int, default=2, help="training steps timed while a background save writes")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -154,7 +158,7 @@ def main(argv=None) -> int:
     port, ctx = _port(), mp.get_context("spawn")
     raw = out / "checkpoint_bench.raw.json"
     procs = [ctx.Process(target=_rank, args=(r, args.world_size, port, args.config, overrides, args.reps, str(root),
-                                             str(raw), args.steps)) for r in range(args.world_size)]
+                                             str(raw), args.steps, args.parts)) for r in range(args.world_size)]
     for p in procs:
         p.start()
     for p in procs:
@@ -164,14 +168,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
     result = json.loads(raw.read_text())
     raw.unlink()
-    med = {k: statistics.median(v) for k, v in result["times_s"].items()}
+    med = {k: statistics.median(v) for k, v in result["times_s"].items() if v}
+    ratio = lambda a, b: med[a] / med[b] if a in med and b in med else None  # noqa: E731
     summary = {"label": args.label, "config": args.config, "overrides": overrides, "world_size": args.world_size,
                "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **result, "median_s": med,
-               "save_over_bare_save": med["save"] / med["bare_save"],
-               "resume_over_bare_load": med["resume"] / med["bare_load"], "target": 1.15,
-               "resume_over_bare_load_of_the_same_checkpoint": med["resume"] / med["bare_load_ours"],
-               "async_blocked_over_save": med["async_blocked"] / med["save"],
-               "steps_while_writing_over_alone": med["steps_while_writing"] / med["steps_alone"]}
+               "save_over_bare_save": ratio("save", "bare_save"),
+               "resume_over_bare_load": ratio("resume", "bare_load"), "target": 1.15,
+               "resume_over_bare_load_of_the_same_checkpoint": ratio("resume", "bare_load_ours"),
+               "async_blocked_over_save": ratio("async_blocked", "sync_save"),
+               "steps_while_writing_over_alone": ratio("steps_while_writing", "steps_alone")}
     (out / "checkpoint_bench.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: summary[k] for k in ("label", "parameters", "median_s", "save_over_bare_save",
                                               "resume_over_bare_load", "resume_over_bare_load_of_the_same_checkpoint",
