@@ -18,6 +18,10 @@ therefore leaves a ``.partial`` directory (removed by the next save) and never t
 checkpoint. On resume rank 0 checks the manifest (presence, sizes) and every rank checksums its share
 of the files; a damaged checkpoint is reported by name and the newest intact one before it is used.
 
+A background save (``train.async_save``) writes the same files from a host copy of the state on a
+thread (``parallel/hashed_writes.py``) and is committed the same way by :meth:`Checkpointer.finish_pending`
+once every rank's writer is done; until then it is a ``.partial`` directory like any unfinished save.
+
 Pruning keeps the newest ``keep_last`` *intact* checkpoints: a damaged one never counts (it is left in
 place, named in the log, and replaced when the run saves that step again), the checkpoint this run
 resumed from stays until a newer intact one exists, and a pinned checkpoint (``pinned.json``: the last
