@@ -15,7 +15,7 @@ from tests.helpers.seeds import draw_seed
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage,async_save", [(1, False), (3, False), (1, True)])
+@pytest.mark.parametrize("zero_stage,async_save", [(1, False), (3, False), (1, True), (3, True)])
 def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, data, zero_stage, async_save):
     """With async_save the kill may come while a checkpoint is being written in the background: the
     resume then starts from the last committed one, and still gives the same numbers."""
