@@ -111,7 +111,13 @@ def file_digest(path: Path, algorithm: str = "sha256", window: int = 1 << 26) ->
         size = os.fstat(f.fileno()).st_size
         if size == 0:  # an empty file cannot be mapped
             return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError:  # a file system without mmap (some FUSE mounts): plain reads
+            while block := f.read(window):
+                h.update(block)
+            return h.hexdigest()
+        with mapped:
             view = memoryview(mapped)
             try:
                 for start in range(0, size, window):

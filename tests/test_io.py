@@ -33,3 +33,27 @@ def test_atomic_writes_replace_the_whole_file_and_leave_no_temporary(tmp_path):
     assert json.loads(path.read_text()) == {"a": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
     assert not is_tmp_name(path.name)
+
+
+def test_file_digest_matches_the_libraries_and_falls_back_to_reads_without_mmap(tmp_path, monkeypatch):
+    import hashlib
+    import mmap
+
+    import xxhash
+
+    from data_pipeline.files import file_digest
+
+    data = bytes(range(256)) * 5000 + b"tail"
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    for window in (1 << 12, 1 << 26):
+        assert file_digest(tmp_path / "f", "sha256", window) == hashlib.sha256(data).hexdigest()
+        assert file_digest(tmp_path / "f", "xxh3_128", window) == xxhash.xxh3_128(data).hexdigest()
+    assert file_digest(tmp_path / "empty", "xxh3_128") == xxhash.xxh3_128(b"").hexdigest()
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    assert file_digest(tmp_path / "f", "xxh3_128", 1 << 12) == xxhash.xxh3_128(data).hexdigest()
+    with pytest.raises(ValueError, match="unknown hash algorithm 'md5'"):
+        file_digest(tmp_path / "f", "md5")
