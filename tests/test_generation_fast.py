@@ -97,9 +97,11 @@ def test_decode_tokens_is_argmax_of_decode(monkeypatch, screen_from):
         assert torch.equal(ae.decode_tokens(z), ae.decode(z).double().argmax(-1))
 
 
+@pytest.mark.parametrize("few_rows", [0, 32, 1 << 20])  # never / at most 32 rows / always decoded to the end
 @pytest.mark.parametrize("vocab,head_std", [(16, 0.0), (4, 0.3), (4, 3.0), (16, 0.3)])
-def test_candidate_keys_choose_what_the_full_count_chooses(monkeypatch, vocab, head_std):
+def test_candidate_keys_choose_what_the_full_count_chooses(monkeypatch, vocab, head_std, few_rows):
     monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", 0)
+    monkeypatch.setattr("calm_pretrain.candidates.FEW_ROWS", few_rows)
     calm, ae = _pair(vocab, head_std)
     g = torch.Generator().manual_seed(2)
     h = torch.randn(3, calm.config.hidden_size, generator=g)
@@ -112,6 +114,7 @@ def test_candidate_keys_choose_what_the_full_count_chooses(monkeypatch, vocab, h
         keys, state = candidate_keys(ae, z, ahead=[0, 17, 39])
     if head_std == 0:  # a constant head: 40 identical latents per row, each row's one latent decoded once,
         assert decoded_rows == [3 * 4]  # all K positions in the first pass (it is the one decoded ahead)
+    assert len(decoded_rows) <= (2 if few_rows > 1000 else 4)  # position 0, then the rest at once
     for row_keys, c in zip(keys, [0, 17, 39]):
         assert len(row_keys[c].prefix if isinstance(row_keys[c], Unique) else row_keys[c]) == 4  # all K known
     for row_full, row_keys in zip(full, keys):
