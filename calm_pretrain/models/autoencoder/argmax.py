@@ -139,7 +139,7 @@ def _screen(low: torch.Tensor, xb: torch.Tensor, slack: torch.Tensor, vocab: int
     positive threshold; rows without one are compared as floats (:func:`_float_rows`)."""
     m, v = xb.shape[0], low.shape[0]
     block = max(1, SCREEN_BLOCK // (m * SUB_BLOCK)) * SUB_BLOCK if xb.device.type == "cpu" else v
-    xt = torch.cat([xb, xb.new_zeros(logits.shape[1] - m, xb.shape[1])]).t()  # zero columns: logits 0, not read
+    xt = torch.cat([xb, xb.new_zeros(logits.shape[1] - m, xb.shape[1])]).t().contiguous()  # zero columns: not read
     bits = logits.view(torch.int16)
     width = logits.shape[1]
     sub_max = bits.new_empty(v // SUB_BLOCK, m)
