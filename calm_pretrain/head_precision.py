@@ -27,7 +27,8 @@ def head_sampler(head, dtype: Optional[torch.dtype]) -> Callable:
     if dtype is None or dtype == own:
         return head.sample
     if not hasattr(head, "draw_noise"):
-        raise ValueError(f"head_dtype needs a head that draws its noise apart (the energy head), not {type(head).__name__}")
+        raise ValueError("head_dtype needs a head that draws its noise apart (the energy head), "
+                         f"not {type(head).__name__}")
     key = tuple((p.data_ptr(), p._version) for p in head.parameters())
     entry = _COPIES.get(head)
     if entry is None or entry[0] != key or entry[1][0] != dtype:

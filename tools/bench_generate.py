@@ -122,8 +122,8 @@ def head_dtype_agreement(args, calm, ae, prompt, seeds: int = 3) -> dict:
             text = generate_calm(calm, ae, prompt, args.tokens, generator=torch.Generator().manual_seed(seed), **kw)
             text = torch.stack(text) if isinstance(text, list) else text
             for i in range(args.prompt, text.shape[-1], calm.k):
-                one = [generate_calm(calm, ae, text[..., :i], calm.k, generator=torch.Generator().manual_seed(seed), **kw,
-                                     head_dtype=dtype) for dtype in (None, HEAD_DTYPES[args.head_dtype])]
+                one = [generate_calm(calm, ae, text[..., :i], calm.k, generator=torch.Generator().manual_seed(seed),
+                                     head_dtype=dtype, **kw) for dtype in (None, HEAD_DTYPES[args.head_dtype])]
                 same += int(all(torch.equal(a, b) for a, b in zip(*one)))
                 total += 1
         out[f"T={t:g}"] = {"identical_chunks": round(same / total, 4), "chunks": total}

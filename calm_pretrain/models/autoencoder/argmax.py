@@ -133,10 +133,11 @@ def _screen(low: torch.Tensor, xb: torch.Tensor, slack: torch.Tensor, vocab: int
             logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of every (x row, vocabulary entry) whose bf16 logit reaches its row's threshold.
 
-    First pass: s = low · xbᵀ into ``logits`` [V', M'] (M' ≥ M: zero rows appended to x) (on the CPU in blocks of about 2¹⁹ logits, each
-    reduced while it is in cache), keeping the maximum of each sub-block of each column as int16
-    bits (meaningful where positive). Second pass: only the (sub-block, row) pairs that reach a
-    positive threshold; rows without one are compared as floats (:func:`_float_rows`)."""
+    First pass: s = low · xbᵀ into ``logits`` [V', M'] (M' ≥ M: zero rows appended to x; on the CPU in
+    blocks of SCREEN_BLOCK logits), keeping the maximum of each sub-block of each column as int16 bits
+    (meaningful where positive) right after each block is written. Second pass: only the (sub-block,
+    row) pairs that reach a positive threshold; rows without one are compared as floats
+    (:func:`_float_rows`)."""
     m, v = xb.shape[0], low.shape[0]
     block = max(1, SCREEN_BLOCK // (m * SUB_BLOCK)) * SUB_BLOCK if xb.device.type == "cpu" else v
     xt = torch.cat([xb, xb.new_zeros(logits.shape[1] - m, xb.shape[1])]).t().contiguous()  # zero columns: not read
