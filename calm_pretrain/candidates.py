@@ -14,6 +14,9 @@ is unique, and it enters the count as a placeholder key of its own (count 1, its
 kept). Identical latents (a deterministic head's samples) are decoded once and counted as many times
 as they occur. Only a chosen placeholder is decoded to the end (:func:`complete`), and the one the
 uniform picks if every chunk is unique is decoded to the end in the first pass already (``ahead``).
+Once the candidates still alive after a position are few (at most ``FEW_ROWS`` rows for all of
+their remaining positions), their remaining positions are decoded together: a pass over the output
+projection for a few rows only reads it, so it costs about what one position costs.
 The choice is the one the full decoding would make with the same uniform draw.
 
 An AE without ``decoder.chunk_states`` / ``token_argmax`` (any object with ``decode``) is decoded
@@ -69,6 +72,9 @@ def _distinct_latents(z: torch.Tensor):
     return flat[torch.tensor(first, device=z.device)], row_of, mult, which
 
 
+FEW_ROWS = 32  # decoder rows that cost about what one does (the screen only reads the projection)
+
+
 def _prunable(ae) -> bool:
     return hasattr(ae, "token_argmax") and hasattr(getattr(ae, "decoder", None), "chunk_states")
 
@@ -87,32 +93,41 @@ def candidate_keys(ae, z: torch.Tensor, ahead: Optional[Sequence[int]] = None) -
         x = ae.decoder.chunk_states(latents)  # [C, K, H]
     k = x.shape[1]
     early = sorted({which[i][c] for i, c in enumerate(ahead or ())}) if k > 1 else []
-    rest: dict[int, tuple] = {}  # distinct latent → its tokens 1..K-1, decoded with position 0
+    full: dict[int, tuple] = {}  # distinct latent → its K tokens, where decoded to the end
     prefixes = [()] * len(latents)
     alive = list(range(len(latents)))
     for j in range(k):
         if not alive:
             break
-        need = [c for c in alive if c not in rest]
+        need = [c for c in alive if c not in full]
+        # Decoding few rows only reads the output projection: then all their remaining positions at once.
+        whole = early if j == 0 else need if len(need) * (k - j) <= FEW_ROWS else []
         with record_function("generate.decode"):
-            rows = x[torch.tensor(need, dtype=torch.long, device=x.device), j]
-            if j == 0 and early:
-                ahead_rows = x[torch.tensor(early, dtype=torch.long, device=x.device), 1:]
-                rows = torch.cat([rows, ahead_rows.reshape(-1, x.shape[-1])])
-            tok = ae.token_argmax(rows).tolist() if len(rows) else []
+            tok, ends = _decode(ae, x, [c for c in need if c not in whole], whole, j)
         with record_function("generate.choose"):
-            tail, tok = tok[len(need):], iter(tok[:len(need)])
-            rest.update((c, tuple(tail[e * (k - 1):(e + 1) * (k - 1)])) for e, c in enumerate(early) if j == 0)
+            full.update((c, prefixes[c] + tail) for c, tail in zip(whole, ends))
+            tok = iter(tok)
             for c in alive:
-                prefixes[c] = prefixes[c] + ((rest[c][j - 1],) if j and c in rest else (next(tok),))
+                prefixes[c] = full[c][:j + 1] if c in full else prefixes[c] + (next(tok),)
             counts = Counter()
             for c in alive:
                 counts[row_of[c], prefixes[c]] += mult[c]
             alive = [c for c in alive if counts[row_of[c], prefixes[c]] >= 2]
     shared = set(alive)  # decoded to the end and shared by two or more candidates of the row
-    known = [p + rest[c][len(p) - 1:] if c in rest else p for c, p in enumerate(prefixes)]
+    known = [full.get(c, p) for c, p in enumerate(prefixes)]
     keys = [[known[c] if c in shared else Unique(i, c, known[c]) for i, c in enumerate(row)] for row in which]
     return keys, x
+
+
+def _decode(ae, x: torch.Tensor, part: list[int], whole: list[int], j: int) -> tuple[list, list]:
+    """(the token at position j of each distinct latent in ``part``, the tokens at positions j..K-1 of
+    each in ``whole`` as a tuple), in one pass over the output projection."""
+    part_rows = x[torch.tensor(part, dtype=torch.long, device=x.device), j]
+    whole_rows = x[torch.tensor(whole, dtype=torch.long, device=x.device), j:].reshape(-1, x.shape[-1])
+    rows = torch.cat([part_rows, whole_rows])
+    tok = ae.token_argmax(rows).tolist() if len(rows) else []
+    n, span = len(part), x.shape[1] - j
+    return tok[:n], [tuple(tok[n + e * span:n + (e + 1) * span]) for e in range(len(whole))]
 
 
 def complete(ae, state, picks: list[tuple[int, object]]) -> list[tuple]:

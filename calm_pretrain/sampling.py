@@ -22,6 +22,7 @@ import torch
 from torch.profiler import record_function
 
 from calm_pretrain.candidates import candidate_keys, complete, decode_chunks
+from calm_pretrain.head_precision import head_sampler
 
 Rng = Union[torch.Generator, random.Random, None]
 
@@ -192,7 +193,7 @@ def calm_generation_setup(calm, prompt_ids, temperature: float, num_candidates: 
 def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float = 0.5,
                   num_candidates: int = 200, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
                   use_cache: bool = True, generator: Optional[torch.Generator] = None, sampler: str = "batch",
-                  on_chunk: Optional[Callable[[torch.Tensor], None]] = None):
+                  on_chunk: Optional[Callable[[torch.Tensor], None]] = None, head_dtype: Optional[torch.dtype] = None):
     """Sample a continuation from a CALM, one K-token chunk per step.
 
     The prompt ([T] or [B, T]) is right-padded with ``pad_id`` to a multiple of K. Each step:
@@ -211,18 +212,24 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
     noise for every row, then one uniform per row (also at T = 1, where it is not needed, so that a
     seed gives what it gave before), the same draws as the one-row-at-a-time loop
     (calm_pretrain/sampling_reference.py) while no row has stopped.
+
+    ``head_dtype`` (opt-in, not exact; default None: the head's own precision): run the energy head in
+    that dtype, e.g. torch.bfloat16 (calm_pretrain/head_precision.py). Same random numbers, other
+    arithmetic: some chunks differ from the default path's.
     """
     k, eos_id, pad_id, n, num_draws, device, ids, single = calm_generation_setup(
         calm, prompt_ids, temperature, num_candidates, eos_id, pad_id, sampler)
+    sample = head_sampler(calm.head, head_dtype)
 
     def step(h: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         if sampler == "exact":
             chunk = ids.new_full((h.shape[0], k), pad_id)
             for row in range(h.shape[0]):
                 if not done[row]:
-                    chunk[row] = torch.tensor(exact_chunk(calm, ae, h[row], temperature, generator), device=device)
+                    chunk[row] = torch.tensor(exact_chunk(sample, ae, h[row], temperature, generator),
+                                              device=device)
             return chunk
-        chunk = _batch_step(calm, ae, h, n, num_draws, done, generator).to(ids.dtype)
+        chunk = _batch_step(sample, calm.k, ae, h, n, num_draws, done, generator).to(ids.dtype)
         return chunk.masked_fill(done[:, None], pad_id)  # finished rows are padded, stripped at the end
 
     return calm_chunk_loop(calm, ids, max_new_tokens, use_cache, step, eos_id, pad_id, single, on_chunk)
@@ -255,10 +262,12 @@ def calm_chunk_loop(calm, ids: torch.Tensor, max_new_tokens: int, use_cache: boo
     return finish_generation(out, pad_id, single)
 
 
-def _batch_step(calm, ae, h: torch.Tensor, n: int, num_draws: int, done: torch.Tensor, generator) -> torch.Tensor:
-    """One step of the batch sampler for every row: h [B, H] → chunk [B, K] (rows in ``done``: anything)."""
+def _batch_step(sample: Callable, k: int, ae, h: torch.Tensor, n: int, num_draws: int, done: torch.Tensor,
+                generator) -> torch.Tensor:
+    """One step of the batch sampler for every row: h [B, H] → chunk [B, K] (rows in ``done``: anything);
+    ``sample`` is the head's ``sample`` (or :func:`~calm_pretrain.head_precision.head_sampler`'s)."""
     with record_function("generate.head"):
-        z = calm.head.sample(h, num_draws, generator=generator)  # [B, N, d]
+        z = sample(h, num_draws, generator=generator)  # [B, N, d]
     u = torch.rand(h.shape[0], generator=generator, device=h.device, dtype=torch.float64)
     if num_draws == 1:  # T = 1: the one candidate is the choice
         return decode_chunks(ae, z[:, 0])
@@ -268,17 +277,18 @@ def _batch_step(calm, ae, h: torch.Tensor, n: int, num_draws: int, done: torch.T
     keys, state = candidate_keys(ae, z[live], ahead=if_all_unique)
     with record_function("generate.choose"):
         picks = [(i, batch_temperature_choice(row_keys, n, x)) for i, (row_keys, x) in enumerate(zip(keys, u))]
-    chunk = torch.zeros(h.shape[0], calm.k, dtype=torch.long, device=h.device)
+    chunk = torch.zeros(h.shape[0], k, dtype=torch.long, device=h.device)
     if live:
         chunk[live] = torch.tensor(complete(ae, state, picks), device=h.device)
     return chunk
 
 
-def exact_chunk(calm, ae, h: torch.Tensor, temperature: float, generator) -> tuple:
-    """One chunk from the exact sampler: each draw is one head sample of hidden state h [H], decoded."""
+def exact_chunk(sample: Callable, ae, h: torch.Tensor, temperature: float, generator) -> tuple:
+    """One chunk from the exact sampler: each draw is one head sample (``sample``, the head's) of hidden
+    state h [H], decoded."""
     def draw() -> tuple:
         with record_function("generate.head"):
-            z = calm.head.sample(h[None], 1, generator=generator)  # [1, 1, d]
+            z = sample(h[None], 1, generator=generator)  # [1, 1, d]
         return tuple(decode_chunks(ae, z[0, 0]).tolist())
     return exact_temperature_sample(draw, temperature, generator)
 

@@ -48,6 +48,46 @@ def test_screened_argmax_matches_float64_argmax(monkeypatch):
     assert torch.equal(screened(x, w), (x.double() @ w.double().T).argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_screened_argmax_in_blocks_and_without_a_positive_threshold(monkeypatch, dtype):
+    """Several GEMM blocks (a vocabulary that is no multiple of the sub-block), padded GEMM rows, and rows
+    whose logits are all negative or whose top is too close to 0 for the int16 comparison."""
+    monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", 0)
+    monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.SCREEN_BLOCK", 1 << 14)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3001, 48, generator=g, dtype=torch.float64)
+    w[:, 0] = 4 + w[:, 0].abs()  # every row leans the same way
+    w[1::3] = w[::3][: len(w[1::3])] * (1 - 3e-4 * torch.rand(1000, 1, generator=g, dtype=torch.float64))
+    x = torch.randn(70, 48, generator=g, dtype=torch.float64)
+    x[:20, 0] = -40  # all logits negative
+    x[20:30, 0] = 0.0  # logits around 0
+    for row in x[40:45]:  # a positive top below the bf16 error: x₀ bisected to a max logit of ≈ 1e-4
+        lo, hi = -20.0, 20.0  # the max logit grows with x₀ (every w₀ > 0)
+        for _ in range(60):
+            row[0] = (lo + hi) / 2
+            lo, hi = (lo, row[0].item()) if (w @ row).max() > 1e-4 else (row[0].item(), hi)
+    x[30:40] = w[:30:3] * 2  # aimed at a near-tied pair
+    w, x = w.to(dtype), x.to(dtype)
+    assert (x[:20].double() @ w.double().T).max() < 0 < (x[40:45].double() @ w.double().T).amax(-1).min()
+    screened = ScreenedArgmax()
+    _assert_argmax(screened(x, w), x, w)
+    _assert_argmax(screened(x[:7], w), x[:7], w)  # fewer rows than GEMM_ROWS: not padded
+    _assert_argmax(screened(x[20:], w), x[20:], w)
+
+
+def _assert_argmax(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """got is the float64 argmax of x · wᵀ, except where x's own precision cannot tell the top two apart
+    (logits that cancel to near 0 in fp32): there it is within the fp32 rounding of a dot product."""
+    logits = (x.double() @ w.double().T)
+    top2 = logits.topk(2, -1).values
+    tol = 0.0 if x.dtype == torch.float64 else 2 * (x.shape[-1] + 2) * 2.0 ** -24 * (
+        x.double().norm(dim=-1) * w.double().norm(dim=-1).max())
+    clear = top2[:, 0] - top2[:, 1] > tol
+    assert torch.equal(got[clear], logits.argmax(-1)[clear])
+    assert (logits.gather(-1, got[:, None])[:, 0] >= top2[:, 0] - tol).all()
+    assert clear.float().mean() > 0.9
+
+
 @pytest.mark.parametrize("screen_from", [0, 1 << 40])
 def test_decode_tokens_is_argmax_of_decode(monkeypatch, screen_from):
     monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", screen_from)
@@ -57,9 +97,11 @@ def test_decode_tokens_is_argmax_of_decode(monkeypatch, screen_from):
         assert torch.equal(ae.decode_tokens(z), ae.decode(z).double().argmax(-1))
 
 
+@pytest.mark.parametrize("few_rows", [0, 32, 1 << 20])  # never / at most 32 rows / always decoded to the end
 @pytest.mark.parametrize("vocab,head_std", [(16, 0.0), (4, 0.3), (4, 3.0), (16, 0.3)])
-def test_candidate_keys_choose_what_the_full_count_chooses(monkeypatch, vocab, head_std):
+def test_candidate_keys_choose_what_the_full_count_chooses(monkeypatch, vocab, head_std, few_rows):
     monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", 0)
+    monkeypatch.setattr("calm_pretrain.candidates.FEW_ROWS", few_rows)
     calm, ae = _pair(vocab, head_std)
     g = torch.Generator().manual_seed(2)
     h = torch.randn(3, calm.config.hidden_size, generator=g)
@@ -72,6 +114,7 @@ def test_candidate_keys_choose_what_the_full_count_chooses(monkeypatch, vocab, h
         keys, state = candidate_keys(ae, z, ahead=[0, 17, 39])
     if head_std == 0:  # a constant head: 40 identical latents per row, each row's one latent decoded once,
         assert decoded_rows == [3 * 4]  # all K positions in the first pass (it is the one decoded ahead)
+    assert len(decoded_rows) <= (2 if few_rows > 1000 else 4)  # position 0, then the rest at once
     for row_keys, c in zip(keys, [0, 17, 39]):
         assert len(row_keys[c].prefix if isinstance(row_keys[c], Unique) else row_keys[c]) == 4  # all K known
     for row_full, row_keys in zip(full, keys):

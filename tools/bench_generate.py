@@ -5,6 +5,7 @@ time goes.
     python3 tools/bench_generate.py [--calm configs/tiny/calm.yaml] [--transformer configs/tiny/transformer.yaml]
                                     [--ae configs/tiny/ae.yaml] [--layers L] [--tokens 128] [--batch 1]
                                     [--temperatures 1 0.5] [--candidates 200] [--reference] [--rounds 5]
+                                    [--clock wall|cpu] [--head-dtype bf16]
                                     [--out bench_out/generate.json]
 
 CALM-M's width and vocabulary with 4 layers (issue 18):
@@ -32,6 +33,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -63,6 +65,8 @@ def variants(args, calm, ae, tr, prompt) -> dict:
     out = {"transformer": lambda: generate_transformer(tr, prompt, args.tokens, temperature=args.temperatures[0],
                                                        eos_id=no_eos, generator=torch.Generator().manual_seed(0))}
     impls = {"calm": generate_calm, **({"calm_reference": reference_generate_calm} if args.reference else {})}
+    if args.head_dtype:
+        impls["calm_head_" + args.head_dtype] = partial(generate_calm, head_dtype=HEAD_DTYPES[args.head_dtype])
     for t in args.temperatures:
         for name, fn in impls.items():
             out[f"{name}@T={t:g}"] = (lambda fn=fn, t=t: fn(calm, ae, prompt, args.tokens, temperature=t,
@@ -71,9 +75,14 @@ def variants(args, calm, ae, tr, prompt) -> dict:
     return out
 
 
-def timed_rounds(fns: dict, rounds: int, per: int) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+HEAD_DTYPES = {"bf16": torch.bfloat16}
+
+
+def timed_rounds(fns: dict, rounds: int, per: int, clock=time.perf_counter) -> dict:
     """Each function once per round, in turn, the order rotated by one each round (so that no variant
-    always runs after the same one, with its weights still in cache); median seconds per token."""
+    always runs after the same one, with its weights still in cache); median seconds per token by
+    ``clock``."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm-up
@@ -82,9 +91,9 @@ def timed_rounds(fns: dict, rounds: int, per: int) -> dict:
         print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn = fns[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append((time.perf_counter() - t0) / per)
+            times[name].append((clock() - t0) / per)
     return {name: {"median": statistics.median(v), "all": v} for name, v in times.items()}
 
 
@@ -101,13 +110,33 @@ def breakdown(fn, steps: int) -> dict:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def head_dtype_agreement(args, calm, ae, prompt, seeds: int = 3) -> dict:
+    """Per temperature: the fraction of chunks that the --head-dtype head chooses as the fp32 head does,
+    from the same context (the fp32 path's continuation so far) and the same seed, over --tokens tokens
+    for each of `seeds` seeds."""
+    out = {}
+    for t in args.temperatures:
+        same = total = 0
+        for seed in range(seeds):
+            kw = dict(temperature=t, num_candidates=args.candidates, eos_id=-1)
+            text = generate_calm(calm, ae, prompt, args.tokens, generator=torch.Generator().manual_seed(seed), **kw)
+            text = torch.stack(text) if isinstance(text, list) else text
+            for i in range(args.prompt, text.shape[-1], calm.k):
+                one = [generate_calm(calm, ae, text[..., :i], calm.k, generator=torch.Generator().manual_seed(seed),
+                                     head_dtype=dtype, **kw) for dtype in (None, HEAD_DTYPES[args.head_dtype])]
+                same += int(all(torch.equal(a, b) for a, b in zip(*one)))
+                total += 1
+        out[f"T={t:g}"] = {"identical_chunks": round(same / total, 4), "chunks": total}
+    return out
+
+
 def ratios(per_token: dict, temperatures) -> dict:
     t1 = f"{temperatures[0]:g}"
     out = {f"transformer / calm @T={t1}": per_token["transformer"] / per_token[f"calm@T={t1}"]}
     if f"calm_reference@T={t1}" in per_token:
         out[f"transformer / calm_reference @T={t1}"] = per_token["transformer"] / per_token[f"calm_reference@T={t1}"]
     for t in temperatures[1:]:
-        for impl in ("calm", "calm_reference"):
+        for impl in ("calm", "calm_reference", *(f"calm_head_{d}" for d in HEAD_DTYPES)):
             if f"{impl}@T={t:g}" in per_token:
                 out[f"{impl} T={t:g} / T={t1}"] = per_token[f"{impl}@T={t:g}"] / per_token[f"{impl}@T={t1}"]
     return {k: round(v, 3) for k, v in out.items()}
@@ -127,6 +156,12 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", type=int, default=200, help="batch sampler candidates per chunk at T < 1")
     ap.add_argument("--reference", action="store_true", help="also time the one-row-at-a-time loop (before)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                    help="timed rounds by wall clock, or by this process's CPU time (not counting the time other "
+                         "jobs hold the cores; the per-step breakdown stays in wall time)")
+    ap.add_argument("--head-dtype", choices=tuple(HEAD_DTYPES), default=None,
+                    help="also time CALM with the opt-in low-precision head (not exact), and measure how often it "
+                         "chooses the fp32 head's chunk")
     ap.add_argument("--out", default="bench_out/generate.json")
     args = ap.parse_args(argv)
 
@@ -135,19 +170,21 @@ def main(argv=None) -> int:
     prompt = torch.randint(3, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     fns = variants(args, calm, ae, tr, prompt)
     with torch.no_grad():
-        timed = timed_rounds(fns, args.rounds, args.tokens * args.batch)
+        timed = timed_rounds(fns, args.rounds, args.tokens * args.batch, CLOCKS[args.clock])
         steps = -(-args.tokens // calm.k)
         parts = {name: breakdown(fn, steps) for name, fn in fns.items() if name.startswith("calm")}
+        agreement = head_dtype_agreement(args, calm, ae, prompt) if args.head_dtype else None
     per_token = {name: t["median"] for name, t in timed.items()}
     result = {"calm_config": args.calm, "transformer_config": args.transformer, "ae_config": args.ae,
               "layers": args.layers or calm.config.num_layers, "hidden_size": calm.config.hidden_size,
               "vocab_size": calm.config.vocab_size, "k": calm.config.k,
               "calm_params": count_parameters(calm)["total"], "ae_params": count_parameters(ae)["total"],
               "transformer_params": count_parameters(tr)["total"], "tokens": args.tokens, "prompt": args.prompt,
-              "batch": args.batch, "candidates": args.candidates, "rounds": args.rounds,
+              "batch": args.batch, "candidates": args.candidates, "rounds": args.rounds, "clock": args.clock,
               "threads": torch.get_num_threads(), "seconds_per_token": per_token,
               "seconds_per_token_all_rounds": {n: t["all"] for n, t in timed.items()},
               "ratios": ratios(per_token, args.temperatures), "breakdown_ms_per_step": parts,
+              **({"head_dtype_agreement": agreement} if agreement else {}),
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
