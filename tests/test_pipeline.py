@@ -39,8 +39,8 @@ def test_pipeline_resumes_bit_exact_after_sigkill(tmp_path, data):
     straight = tmp_path / "straight"
     cfg = train_config(tmp_path / "s.yaml", data, straight, arch="calm")
     assert run_train(cfg, straight, extra=["parallel.pipeline=2"]) == [0, 0], read_log(straight)
-    killed = tmp_path / "killed"
-    cfg = train_config(tmp_path / "k.yaml", data, killed, arch="calm")
+    killed = tmp_path / "killed"  # its checkpoints written in the background: the pipeline's layer files too
+    cfg = train_config(tmp_path / "k.yaml", data, killed, arch="calm", async_save=True)
     ranks = start_train(cfg, killed, extra=["parallel.pipeline=2"])
     metrics = killed / "metrics.jsonl"
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):

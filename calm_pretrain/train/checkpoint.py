@@ -204,7 +204,8 @@ class Checkpointer:
             entries, error = merge_claims(pending.partial, [claims for claims, _ in reports])
             error = "; ".join(failures) or error
             if error is None:
-                self._commit(pending.partial, pending.final, pending.step, entries, pending.started)
+                self._commit(pending.partial, pending.final, pending.step, entries, pending.started,
+                             background=pending.writer is not None)
         error = broadcast_object(error)
         if error:
             raise CheckpointError(f"checkpoint {pending.partial} not saved: {error}")
@@ -223,7 +224,7 @@ class Checkpointer:
             (partial / TRAINER_STATE).write_bytes(data)
             ledger.record(partial / TRAINER_STATE, len(data), _digest(data))
 
-    def _commit(self, partial: Path, final: Path, step: int, entries: dict, t0: float) -> None:
+    def _commit(self, partial: Path, final: Path, step: int, entries: dict, t0: float, background: bool) -> None:
         """Rank 0: the manifest, the rename to step_N, `latest`, pruning."""
         manifest = {"version": CHECKPOINT_VERSION, "step": step, "world_size": self.world_size,
                     "hash": CHECKPOINT_HASH, "files": entries,
@@ -236,7 +237,7 @@ class Checkpointer:
         self._prune(final)
         size = sum(e[0] for e in entries.values())
         self.log(f"checkpoint {final} saved ({len(entries)} files, {size / 2**20:.1f} MiB, "
-                 f"{time.perf_counter() - t0:.1f}s)")
+                 f"{time.perf_counter() - t0:.1f}s" + (", written in the background)" if background else ")"))
 
     # ---- verifying (every rank its share) ----------------------------------------------------
     def _bcast(self, obj):
