@@ -87,9 +87,9 @@ class HashingWriter:
 class WriteLedger:
     """The files this process wrote into a checkpoint: {absolute path: (size, digest)}."""
 
-    def __init__(self):
+    def __init__(self, background: Optional["BackgroundWriter"] = None):
         self.files: dict[str, tuple[int, str]] = {}
-        self.background: Optional[BackgroundWriter] = None  # set by recording()
+        self.background = background  # where hashed_save queues its copies (None: it writes at once)
 
     def record(self, path, size: int, digest: str) -> None:
         self.files[str(Path(path).absolute())] = (size, digest)
@@ -113,13 +113,19 @@ def recording(background: Optional["BackgroundWriter"] = None) -> Iterator[Write
     """Within: every hashed_save / claim_written of this process is recorded in the yielded ledger.
     With a `background` writer, hashed_save copies what it is given and returns at once; the writer
     writes it, hashes it and records it (``background.wait()`` says when all of it is on disk)."""
-    ledger = WriteLedger()
-    ledger.background = background
+    ledger = WriteLedger(background)
     _active.append(ledger)
     try:
         yield ledger
     finally:
         _active.remove(ledger)
+
+
+def digest_of(data: bytes) -> str:
+    """The checkpoint hash of bytes written by other means (trainer_state.json)."""
+    h = new_hash(CHECKPOINT_HASH)
+    h.update(data)
+    return h.hexdigest()
 
 
 def _record(ledgers, path, size: int, digest: str) -> None:

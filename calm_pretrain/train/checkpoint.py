@@ -50,11 +50,11 @@ from calm_pretrain.parallel.distributed import all_gather_object, barrier, broad
 from calm_pretrain.parallel.engine_api import ENGINE_KINDS
 from calm_pretrain.parallel.groups import ParallelLayout
 from calm_pretrain.parallel.hashed_writes import (CHECKPOINT_HASH, BackgroundWriter, HostBuffers, WriteLedger,
-                                                  hashed_save, recording)
+                                                  digest_of, hashed_save, recording)
 from calm_pretrain.safe_load import safe_load
 from calm_pretrain.train.checkpoint_files import (MANIFEST, check_manifest, checksum_problems, merge_claims,
                                                   share_of, verify_checkpoint)
-from data_pipeline.files import atomic_write_bytes, fsync_dir, new_hash
+from data_pipeline.files import atomic_write_bytes, fsync_dir
 
 __all__ = ["CheckpointError", "Checkpointer", "verify_checkpoint", "MANIFEST"]
 
@@ -87,12 +87,6 @@ def set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def _digest(data: bytes) -> str:
-    h = new_hash(CHECKPOINT_HASH)
-    h.update(data)
-    return h.hexdigest()
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -222,7 +216,7 @@ class Checkpointer:
                      "engine": engine.kind, **trainer_state}
             data = json.dumps(state, indent=1).encode()
             (partial / TRAINER_STATE).write_bytes(data)
-            ledger.record(partial / TRAINER_STATE, len(data), _digest(data))
+            ledger.record(partial / TRAINER_STATE, len(data), digest_of(data))
 
     def _commit(self, partial: Path, final: Path, step: int, entries: dict, t0: float, background: bool) -> None:
         """Rank 0: the manifest, the rename to step_N, `latest`, pruning."""
