@@ -1,5 +1,8 @@
-"""Opt-in, not exact: the energy head's samples in a lower precision during generation
-(``generate_calm(..., head_dtype=torch.bfloat16)``; off by default).
+"""How the energy head's samples are computed during generation (``head_sampler``).
+
+* Default at T < 1: the head's own fp32 arithmetic with its GEMMs through MKL's packed kernel
+  (calm_pretrain/packed_gemm.py; the packs kept per head between generations).
+* Opt-in, not exact: a lower precision (``generate_calm(..., head_dtype=torch.bfloat16)``).
 
 At T < 1 the batch sampler draws N = 200 head samples per chunk, and in fp32 their GEMMs are most of
 a step on the CPU (docs/performance.md, 'Generation'). A bf16 copy of the head runs them on AMX
@@ -12,28 +15,53 @@ from __future__ import annotations
 
 import copy
 import weakref
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # head → (its weights' key, the copy)
+from calm_pretrain import packed_gemm
+
+@dataclass
+class _LowCopy:
+    key: tuple  # the head's weights (address, version) when copied
+    dtype: torch.dtype
+    head: torch.nn.Module
 
 
-def head_sampler(head, dtype: Optional[torch.dtype]) -> Callable:
-    """``head.sample`` itself (dtype None or the head's own), else a sampler with the same signature that
-    draws the noise as ``head.sample`` does and runs a ``dtype`` copy of the head (kept until a weight
-    changes: another tensor or an in-place update)."""
+_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, _LowCopy]" = weakref.WeakKeyDictionary()
+_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, packed_gemm.PackedLinearMode]" = weakref.WeakKeyDictionary()
+
+
+def head_sampler(head, dtype: Optional[torch.dtype] = None, packed: bool = False) -> Callable:
+    """A sampler with ``head.sample``'s signature and random numbers:
+
+    * ``dtype`` other than the head's own: a ``dtype`` copy of the head runs (kept until a weight
+      changes: another tensor or an in-place update), the noise drawn as ``head.sample`` draws it;
+    * else with ``packed`` (where MKL's packed GEMM exists): ``head.sample`` inside the head's
+      :class:`~calm_pretrain.packed_gemm.PackedLinearMode`;
+    * else ``head.sample`` itself."""
     own = next(head.parameters()).dtype
     if dtype is None or dtype == own:
-        return head.sample
+        if not (packed and packed_gemm.available()):
+            return head.sample
+        mode = _PACKED.get(head)
+        if mode is None:
+            mode = _PACKED[head] = packed_gemm.PackedLinearMode()
+
+        def sample_packed(h: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None):
+            with mode:
+                return head.sample(h, num_samples, generator=generator)
+
+        return sample_packed
     if not hasattr(head, "draw_noise"):
         raise ValueError("head_dtype needs a head that draws its noise apart (the energy head), "
                          f"not {type(head).__name__}")
     key = tuple((p.data_ptr(), p._version) for p in head.parameters())
     entry = _COPIES.get(head)
-    if entry is None or entry[0] != key or entry[1][0] != dtype:
-        entry = _COPIES[head] = (key, (dtype, copy.deepcopy(head).to(dtype)))
-    low = entry[1][1]
+    if entry is None or entry.key != key or entry.dtype != dtype:
+        entry = _COPIES[head] = _LowCopy(key, dtype, copy.deepcopy(head).to(dtype))
+    low = entry.head
 
     def sample(h: torch.Tensor, num_samples: int = 1, generator: Optional[torch.Generator] = None):
         noise = head.draw_noise(h, num_samples, generator)  # the fp32 path's random numbers

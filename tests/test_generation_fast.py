@@ -169,3 +169,15 @@ def test_exact_sampler_matches_the_reference_loop(monkeypatch, temperature):
     want = reference_generate_calm(calm, ae, prompts, generator=torch.Generator().manual_seed(4), **kw)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_generation_builds_no_autograd_graph(monkeypatch):
+    """generate_calm called with autograd on (as `calm-pretrain generate` calls it) records no graph."""
+    calm, ae = _pair(64, 0.3)
+    seen = []
+    sample = calm.head.sample
+    monkeypatch.setattr(calm.head, "sample", lambda *a, **kw: seen.append(torch.is_grad_enabled()) or sample(*a, **kw))
+    assert torch.is_grad_enabled()
+    for temperature in (1.0, 0.5):
+        generate_calm(calm, ae, torch.tensor([5, 6, 7, 8]), 8, temperature=temperature, num_candidates=8, eos_id=-1)
+    assert seen and not any(seen)

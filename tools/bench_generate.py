@@ -5,7 +5,7 @@ time goes.
     python3 tools/bench_generate.py [--calm configs/tiny/calm.yaml] [--transformer configs/tiny/transformer.yaml]
                                     [--ae configs/tiny/ae.yaml] [--layers L] [--tokens 128] [--batch 1]
                                     [--temperatures 1 0.5] [--candidates 200] [--reference] [--rounds 5]
-                                    [--clock wall|cpu] [--head-dtype bf16]
+                                    [--clock wall|cpu] [--head-dtype bf16] [--unpacked]
                                     [--out bench_out/generate.json]
 
 CALM-M's width and vocabulary with 4 layers (issue 18):
@@ -67,6 +67,8 @@ def variants(args, calm, ae, tr, prompt) -> dict:
     impls = {"calm": generate_calm, **({"calm_reference": reference_generate_calm} if args.reference else {})}
     if args.head_dtype:
         impls["calm_head_" + args.head_dtype] = partial(generate_calm, head_dtype=HEAD_DTYPES[args.head_dtype])
+    if args.unpacked:
+        impls["calm_unpacked"] = partial(generate_calm, packed_gemm=False)
     for t in args.temperatures:
         for name, fn in impls.items():
             out[f"{name}@T={t:g}"] = (lambda fn=fn, t=t: fn(calm, ae, prompt, args.tokens, temperature=t,
@@ -110,10 +112,10 @@ def breakdown(fn, steps: int) -> dict:
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def head_dtype_agreement(args, calm, ae, prompt, seeds: int = 3) -> dict:
-    """Per temperature: the fraction of chunks that the --head-dtype head chooses as the fp32 head does,
-    from the same context (the fp32 path's continuation so far) and the same seed, over --tokens tokens
-    for each of `seeds` seeds."""
+def agreement(args, calm, ae, prompt, variant: dict, seeds: int = 3) -> dict:
+    """Per temperature: the fraction of chunks that generate_calm(**variant) chooses as the default path
+    does, from the same context (the default path's continuation so far) and the same seed, over
+    --tokens tokens for each of `seeds` seeds."""
     out = {}
     for t in args.temperatures:
         same = total = 0
@@ -123,7 +125,7 @@ def head_dtype_agreement(args, calm, ae, prompt, seeds: int = 3) -> dict:
             text = torch.stack(text) if isinstance(text, list) else text
             for i in range(args.prompt, text.shape[-1], calm.k):
                 one = [generate_calm(calm, ae, text[..., :i], calm.k, generator=torch.Generator().manual_seed(seed),
-                                     head_dtype=dtype, **kw) for dtype in (None, HEAD_DTYPES[args.head_dtype])]
+                                     **kw, **v) for v in ({}, variant)]
                 same += int(all(torch.equal(a, b) for a, b in zip(*one)))
                 total += 1
         out[f"T={t:g}"] = {"identical_chunks": round(same / total, 4), "chunks": total}
@@ -136,7 +138,7 @@ def ratios(per_token: dict, temperatures) -> dict:
     if f"calm_reference@T={t1}" in per_token:
         out[f"transformer / calm_reference @T={t1}"] = per_token["transformer"] / per_token[f"calm_reference@T={t1}"]
     for t in temperatures[1:]:
-        for impl in ("calm", "calm_reference", *(f"calm_head_{d}" for d in HEAD_DTYPES)):
+        for impl in ("calm", "calm_reference", "calm_unpacked", *(f"calm_head_{d}" for d in HEAD_DTYPES)):
             if f"{impl}@T={t:g}" in per_token:
                 out[f"{impl} T={t:g} / T={t1}"] = per_token[f"{impl}@T={t:g}"] / per_token[f"{impl}@T={t1}"]
     return {k: round(v, 3) for k, v in out.items()}
@@ -162,6 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dtype", choices=tuple(HEAD_DTYPES), default=None,
                     help="also time CALM with the opt-in low-precision head (not exact), and measure how often it "
                          "chooses the fp32 head's chunk")
+    ap.add_argument("--unpacked", action="store_true",
+                    help="also time CALM with packed_gemm=False (F.linear's kernel at T < 1), and measure how often "
+                         "it chooses the default path's chunk")
     ap.add_argument("--out", default="bench_out/generate.json")
     args = ap.parse_args(argv)
 
@@ -173,7 +178,11 @@ def main(argv=None) -> int:
         timed = timed_rounds(fns, args.rounds, args.tokens * args.batch, CLOCKS[args.clock])
         steps = -(-args.tokens // calm.k)
         parts = {name: breakdown(fn, steps) for name, fn in fns.items() if name.startswith("calm")}
-        agreement = head_dtype_agreement(args, calm, ae, prompt) if args.head_dtype else None
+        agree = {}
+        if args.head_dtype:
+            agree["head_dtype_agreement"] = agreement(args, calm, ae, prompt, {"head_dtype": HEAD_DTYPES[args.head_dtype]})
+        if args.unpacked:
+            agree["unpacked_agreement"] = agreement(args, calm, ae, prompt, {"packed_gemm": False})
     per_token = {name: t["median"] for name, t in timed.items()}
     result = {"calm_config": args.calm, "transformer_config": args.transformer, "ae_config": args.ae,
               "layers": args.layers or calm.config.num_layers, "hidden_size": calm.config.hidden_size,
@@ -184,7 +193,7 @@ def main(argv=None) -> int:
               "threads": torch.get_num_threads(), "seconds_per_token": per_token,
               "seconds_per_token_all_rounds": {n: t["all"] for n, t in timed.items()},
               "ratios": ratios(per_token, args.temperatures), "breakdown_ms_per_step": parts,
-              **({"head_dtype_agreement": agreement} if agreement else {}),
+              **agree,
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
