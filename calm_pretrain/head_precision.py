@@ -29,6 +29,8 @@ class _LowCopy:
     head: torch.nn.Module
 
 
+HEAD_DTYPES = {"bf16": torch.bfloat16}  # the opt-in precisions, by the name the CLI and the benchmark take
+
 _COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, _LowCopy]" = weakref.WeakKeyDictionary()
 _PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, packed_gemm.PackedLinearMode]" = weakref.WeakKeyDictionary()
 

@@ -93,6 +93,10 @@ def test_a_published_layout_calm_needs_and_takes_its_autoencoder(releases, tmp_p
     rc = cli_main(["generate", str(calm), "--ae", str(ae), "--prompt", "The module", "--max-new-tokens", "4",
                    "--temperature", "0.7", "--sampler", "exact"])
     assert rc == 0
+    capsys.readouterr()
+    rc = cli_main(["generate", str(calm), "--ae", str(ae), "--prompt", "The module", "--max-new-tokens", "8",
+                   "--temperature", "0.5", "--candidates", "16", "--head-dtype", "bf16"])
+    assert rc == 0 and "### The module" in capsys.readouterr().out
 
 
 def test_autoencoder_reconstruction_curve(releases, tmp_path):
@@ -119,6 +123,11 @@ def test_bad_eval_input_is_one_clear_error(releases, tmp_path, capsys, args, mes
 def test_bad_generate_input_is_one_clear_error(releases, capsys, args, message):
     rc = cli_main(["generate", str(releases["root"] / "calm"), "--ae", str(releases["root"] / "ae"), *args])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_head_dtype_is_refused_for_a_transformer(releases, capsys):
+    rc = cli_main(["generate", str(releases["root"] / "transformer"), "--prompt", "The", "--head-dtype", "bf16"])
+    assert rc == 2 and "a transformer model has no generative head" in capsys.readouterr().err
 
 
 def test_export_writes_a_model_card_with_the_eval_results(releases, tmp_path):

@@ -19,7 +19,8 @@ CALM head's output layer, zero at init (every sample the same), gets a random in
 candidates differ. Every variant — the Transformer at the first temperature, CALM at each of
 --temperatures, and with --reference CALM's one-row-at-a-time loop
 (calm_pretrain/sampling_reference.py, the code before issue 18) at each — runs once per round, in
-turn (the order rotated each round), for --rounds rounds; medians are reported. Then each CALM
+turn (the order rotated each round), for --rounds rounds; medians are reported, and the T < 1 / T = 1
+ratios also as the median of each round's own ratio (ratios_paired_by_round). Then each CALM
 variant runs once more under torch.profiler: the time per step in the generation loop's labelled
 sections (generate.embed: re-embedding the chosen chunk, .backbone, .head, .decode: the AE decoder,
 .choose: the sampler's bookkeeping; the reference labels embedding and backbone together), the rest
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from calm_pretrain.config import load_config
+from calm_pretrain.head_precision import HEAD_DTYPES
 from calm_pretrain.models import build_model, count_parameters
 from calm_pretrain.sampling import generate_calm, generate_transformer
 from calm_pretrain.sampling_reference import reference_generate_calm
@@ -78,7 +80,6 @@ def variants(args, calm, ae, tr, prompt) -> dict:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-HEAD_DTYPES = {"bf16": torch.bfloat16}
 
 
 def timed_rounds(fns: dict, rounds: int, per: int, clock=time.perf_counter) -> dict:
@@ -144,6 +145,20 @@ def ratios(per_token: dict, temperatures) -> dict:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def paired_ratios(timed: dict, temperatures) -> dict:
+    """The same ratios as :func:`ratios`, taken within each round and then the median over rounds: the
+    machine's speed drifts from round to round (other jobs, clocks), and a ratio of two runs made
+    seconds apart cancels most of that drift."""
+    t1 = f"{temperatures[0]:g}"
+    out = {}
+    for t in temperatures[1:]:
+        for impl in ("calm", "calm_reference", "calm_unpacked", *(f"calm_head_{d}" for d in HEAD_DTYPES)):
+            if f"{impl}@T={t:g}" in timed:
+                pairs = zip(timed[f"{impl}@T={t:g}"]["all"], timed[f"{impl}@T={t1}"]["all"])
+                out[f"{impl} T={t:g} / T={t1}"] = round(statistics.median(a / b for a, b in pairs), 3)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calm", default="configs/tiny/calm.yaml")
@@ -192,7 +207,8 @@ def main(argv=None) -> int:
               "batch": args.batch, "candidates": args.candidates, "rounds": args.rounds, "clock": args.clock,
               "threads": torch.get_num_threads(), "seconds_per_token": per_token,
               "seconds_per_token_all_rounds": {n: t["all"] for n, t in timed.items()},
-              "ratios": ratios(per_token, args.temperatures), "breakdown_ms_per_step": parts,
+              "ratios": ratios(per_token, args.temperatures),
+              "ratios_paired_by_round": paired_ratios(timed, args.temperatures), "breakdown_ms_per_step": parts,
               **agree,
               "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from calm_pretrain.eval.source import SourceError, eval_blocks, load_source, published_eval_set
+from calm_pretrain.head_precision import HEAD_DTYPES
 from calm_pretrain.models.registry import spec_of
 from data_pipeline.files import atomic_write_json
 
@@ -100,6 +101,9 @@ def add_generate_arguments(p) -> None:
                    help="CALM: the batch approximation (T = 1/n) or the exact rejection sampler (any T in (0, 1])")
     p.add_argument("--candidates", type=int, default=200, help="CALM batch sampler: head samples per chunk")
     p.add_argument("--top-p", type=float, default=1.0, help="Transformer: nucleus sampling")
+    p.add_argument("--head-dtype", choices=sorted(HEAD_DTYPES), default=None,
+                   help="CALM (energy head): run the head in bf16 — faster at T < 1 on CPUs with bf16 matmul, "
+                        "not exact: some chunks differ from the fp32 head's (docs/performance.md, 'Generation')")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.add_argument("--batch-size", type=int, default=8,
@@ -131,6 +135,8 @@ def cmd_generate(args) -> int:
             raise SourceError(f"{args.source}: a {spec.arch} model does not generate text")
         if src.tokenizer is None:
             raise SourceError(f"{args.source}: no tokenizer saved with it: pass --tokenizer")
+        if args.head_dtype and not spec.uses_autoencoder:
+            raise SourceError(f"--head-dtype: a {spec.arch} model has no generative head")
         if spec.max_temperature is not None and not 0 < args.temperature <= spec.max_temperature:
             raise SourceError(f"--temperature {args.temperature}: the {spec.arch} sampler needs T in "
                               f"(0, {spec.max_temperature:g}]")
@@ -152,7 +158,7 @@ def cmd_generate(args) -> int:
         try:
             outs, backbone_steps = generate(src.model, src.ae, ids, args.max_new_tokens, args.temperature,
                                             sampler=args.sampler, candidates=args.candidates, top_p=args.top_p,
-                                            generator=gen,
+                                            head_dtype=HEAD_DTYPES.get(args.head_dtype), generator=gen,
                                             on_tokens=_streamer(tok, prompts[rows[0][0]]) if stream else None)
         except ValueError as e:
             print(f"\ngenerate error: {e}", file=sys.stderr)

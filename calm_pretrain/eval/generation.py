@@ -10,7 +10,8 @@ from calm_pretrain.models.registry import spec_of
 
 
 def generate(model, ae, prompt_ids, max_new_tokens: int, temperature: float, *, sampler: str = "batch",
-             candidates: int = 200, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+             candidates: int = 200, top_p: float = 1.0, head_dtype: Optional[torch.dtype] = None,
+             generator: Optional[torch.Generator] = None,
              on_tokens: Optional[Callable[[list], None]] = None) -> tuple[list, int]:
     """Prompts [T] or [B, T] (rows of one length) → (prompt + continuation ids without pads, a list per
     row for [B, T]; backbone steps taken), by the sampler of its architecture
@@ -36,5 +37,5 @@ def generate(model, ae, prompt_ids, max_new_tokens: int, temperature: float, *, 
     if spec.generate is None:
         raise ValueError(f"a {spec.arch} model does not generate text")
     ids = spec.generate(model, ae, prompt_ids, max_new_tokens, temperature, sampler=sampler, candidates=candidates,
-                        top_p=top_p, generator=generator, on_chunk=on_chunk)
+                        top_p=top_p, head_dtype=head_dtype, generator=generator, on_chunk=on_chunk)
     return (ids.tolist() if torch.is_tensor(ids) else [row.tolist() for row in ids]), steps[0]

@@ -32,12 +32,13 @@ def data(cfg: CALMConfig, seq_chunks: int) -> dict:
 
 
 def generate(model, ae, prompt_ids, max_new_tokens: int, temperature: float, *, sampler: str, candidates: int,
-             top_p: float, generator, on_chunk):
-    """Likelihood-free temperature sampling, one K-token chunk per step, decoded by the frozen `ae`."""
+             top_p: float, head_dtype, generator, on_chunk):
+    """Likelihood-free temperature sampling, one K-token chunk per step, decoded by the frozen `ae`
+    (`top_p` unused; `head_dtype`: None or the opt-in low-precision head)."""
     if ae is None:
         raise ValueError("a CALM generates through its frozen autoencoder: none was given")
     return generate_calm(model, ae, prompt_ids, max_new_tokens, temperature, num_candidates=candidates,
-                         generator=generator, sampler=sampler, on_chunk=on_chunk)
+                         generator=generator, sampler=sampler, on_chunk=on_chunk, head_dtype=head_dtype)
 
 
 def example_batch(cfg: CALMConfig, batch_size: int, seq_chunks: int, generator) -> dict:

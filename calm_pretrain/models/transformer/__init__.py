@@ -48,8 +48,9 @@ def pipeline_batch(config: TransformerConfig, batch: dict):
 
 
 def generate(model, ae, prompt_ids, max_new_tokens: int, temperature: float, *, sampler: str, candidates: int,
-             top_p: float, generator, on_chunk):
-    """Softmax temperature (and nucleus) sampling, one token per step (`ae`, `sampler`, `candidates` unused)."""
+             top_p: float, head_dtype, generator, on_chunk):
+    """Softmax temperature (and nucleus) sampling, one token per step (`ae`, `sampler`, `candidates`,
+    `head_dtype` unused)."""
     return generate_transformer(model, prompt_ids, max_new_tokens, temperature, generator=generator, top_p=top_p,
                                 on_chunk=on_chunk)
 
