@@ -40,12 +40,13 @@ def head_sampler(head, dtype: Optional[torch.dtype] = None, packed: bool = False
 
     * ``dtype`` other than the head's own: a ``dtype`` copy of the head runs (kept until a weight
       changes: another tensor or an in-place update), the noise drawn as ``head.sample`` draws it;
-    * else with ``packed`` (where MKL's packed GEMM exists): ``head.sample`` inside the head's
-      :class:`~calm_pretrain.packed_gemm.PackedLinearMode`;
+    * else with ``packed`` (a head on the CPU, where MKL's packed GEMM exists): ``head.sample``
+      inside the head's :class:`~calm_pretrain.packed_gemm.PackedLinearMode`;
     * else ``head.sample`` itself."""
-    own = next(head.parameters()).dtype
+    first = next(head.parameters())
+    own = first.dtype
     if dtype is None or dtype == own:
-        if not (packed and packed_gemm.available()):
+        if not (packed and first.device.type == "cpu" and packed_gemm.available()):
             return head.sample
         mode = _PACKED.get(head)
         if mode is None:

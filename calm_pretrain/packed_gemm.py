@@ -4,8 +4,8 @@ At T < 1 the batch sampler runs the energy head on N = 200 samples per chunk, an
 fp32 GEMMs are the largest part of a step (docs/performance.md, 'Generation'). MKL can pack a weight
 once into its kernel's own layout for a given number of rows (``cblas_sgemm_pack``, what PyTorch's
 Inductor uses for frozen CPU linears); each later GEMM with that weight and that row count skips the
-per-call repacking. Measured at 200 rows, 1 thread: 11-13% off each GEMM with a weight of 2^17 to
-2^20 elements, and a column slice of a weight (the head's first linear reads its two halves that
+per-call repacking. Measured at 200 rows, 1 thread: 10-17% off each GEMM with a weight of 2^18 to
+2^21 elements, and a column slice of a weight (the head's first linear reads its two halves that
 way) is packed contiguous once instead of read strided on every call. A pack costs about one GEMM
 and serves only its own row count (MKL computes any other count unpacked), so a (weight, row count)
 pair is packed at its second use: the head sees the same row count at every step.
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 MIN_ROWS = 32  # below this the GEMM reads the weight about once either way: packing saves little
-# 512 × 512 (the published AE's width). Measured, 200 rows, 1 thread: packing takes 11-13% off a GEMM
-# with a weight of 2^17 to 2^20 elements, 4-8% below 2^17, where the GEMM itself is a fraction of a ms.
+# 512 × 512 (the published AE's width). Measured, 200 rows, 1 thread: packing takes 10-17% off a GEMM
+# with a weight of 2^18 to 2^21 elements, 4-12% below, where the GEMM itself takes under 0.5 ms.
 MIN_WEIGHT = 1 << 18
 ROW_COUNTS_KEPT = 2  # per weight: one generation's batch and the previous one's
 

@@ -220,7 +220,7 @@ def generate_calm(calm, ae, prompt_ids, max_new_tokens: int, temperature: float 
     arithmetic: some chunks differ from the default path's.
 
     ``packed_gemm`` (default on): at T < 1 the head's samples go through MKL's packed fp32 GEMM on the
-    CPU (calm_pretrain/packed_gemm.py): the same fp32 arithmetic in another order of additions, 11-13%
+    CPU (calm_pretrain/packed_gemm.py): the same fp32 arithmetic in another order of additions, 13-17%
     less time per GEMM at CALM-M's width. Off: ``F.linear``'s kernel.
     """
     k, eos_id, pad_id, n, num_draws, device, ids, single = calm_generation_setup(
