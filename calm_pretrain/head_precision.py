@@ -40,13 +40,16 @@ def head_sampler(head, dtype: Optional[torch.dtype] = None, packed: bool = False
 
     * ``dtype`` other than the head's own: a ``dtype`` copy of the head runs (kept until a weight
       changes: another tensor or an in-place update), the noise drawn as ``head.sample`` draws it;
-    * else with ``packed`` (a head on the CPU, where MKL's packed GEMM exists): ``head.sample``
-      inside the head's :class:`~calm_pretrain.packed_gemm.PackedLinearMode`;
+    * else with ``packed`` (a head on the CPU, not compiled, where MKL's packed GEMM exists):
+      ``head.sample`` inside the head's :class:`~calm_pretrain.packed_gemm.PackedLinearMode`;
     * else ``head.sample`` itself."""
     first = next(head.parameters())
     own = first.dtype
     if dtype is None or dtype == own:
-        if not (packed and first.device.type == "cpu" and packed_gemm.available()):
+        # A compiled block (train.compile) is left to its compiled code: tracing the mode's bookkeeping
+        # would recompile it at every new pack.
+        compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in head.modules())
+        if not (packed and first.device.type == "cpu" and not compiled and packed_gemm.available()):
             return head.sample
         mode = _PACKED.get(head)
         if mode is None:

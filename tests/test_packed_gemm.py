@@ -12,6 +12,7 @@ from calm_pretrain import packed_gemm
 from calm_pretrain.config import load_config
 from calm_pretrain.models import build_model
 from calm_pretrain.packed_gemm import PackedLinearMode
+from calm_pretrain.head_precision import head_sampler
 from calm_pretrain.sampling import generate_calm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,3 +150,13 @@ def test_generation_at_t_below_one_packs_the_head(monkeypatch):
     made.clear()
     generate_calm(calm, ae, prompt, generator=torch.Generator().manual_seed(3), **{**kw, "temperature": 1.0})
     assert not made  # T = 1: one row per prompt, nothing to pack
+
+
+def test_a_compiled_or_gpu_head_is_not_packed():
+    """Packing applies to an eager CPU head only: a compiled head keeps its compiled code (tracing the
+    mode's bookkeeping would recompile it at each new pack), and a GPU head has no MKL."""
+    calm = _model("calm", "model.hidden_size=512", "model.intermediate_size=1024")
+    assert head_sampler(calm.head, packed=True) != calm.head.sample  # eager CPU: packed
+    assert head_sampler(calm.head, packed=False) == calm.head.sample
+    calm.head.mlp_blocks[0].compile()  # what train.compile does to a block (nothing runs until a call)
+    assert head_sampler(calm.head, packed=True) == calm.head.sample

@@ -1,6 +1,6 @@
 """Checkpoint save and resume against DeepSpeed's bare save_checkpoint / load_checkpoint (same run).
 
-    python3 tools/bench_checkpoint.py [--config configs/calm/calm_m.yaml] [--reps 3] [--out bench_out]
+    python3 tools/bench_checkpoint.py [--config configs/calm/calm_m.yaml] [--reps 4] [--out bench_out]
         [--dir /tmp/bench_ckpt] [--override model.num_layers=8 ...]
 
 Two CPU processes (gloo), ZeRO-1, fp32: build the model, one optimizer step on a synthetic micro-batch
@@ -152,7 +152,8 @@ def order_balanced(times: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/calm/calm_m.yaml")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=4,
+                    help="rounds; even, so that each load order of the resume comparison comes up equally often")
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--dir", default="/tmp/bench_ckpt")
     ap.add_argument("--out", default="bench_out")
