@@ -22,6 +22,7 @@ import torch
 
 from calm_pretrain import packed_gemm
 
+
 @dataclass
 class _LowCopy:
     key: tuple  # the head's weights (address, version) when copied
