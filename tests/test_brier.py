@@ -14,6 +14,7 @@ from calm_pretrain.config import load_config
 from calm_pretrain.models import build_model
 from tests.helpers import REPO
 from tests.helpers.brier import brier_by_hand
+from tests.helpers.models import tiny_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,14 +262,10 @@ def test_brier_lm_aggregation():
 # --------------------------------------------------------------------------------------------
 # Real tiny models
 # --------------------------------------------------------------------------------------------
-def _tiny(name, *overrides):
-    torch.manual_seed(0)
-    return build_model(load_config(REPO / f"configs/tiny/{name}.yaml", list(overrides)).model).eval()
-
 
 def _tiny_calm(k, vocab=4096):
-    calm = _tiny("calm", f"model.k={k}", f"model.vocab_size={vocab}")
-    ae = _tiny("ae", f"model.k={k}", f"model.vocab_size={vocab}")
+    calm = tiny_model("calm", f"model.k={k}", f"model.vocab_size={vocab}")
+    ae = tiny_model("ae", f"model.k={k}", f"model.vocab_size={vocab}")
     nn.init.normal_(calm.head.final_layer.linears[2].weight, std=0.5)  # the zero-init head would be constant
     return calm, ae
 
@@ -276,7 +273,7 @@ def _tiny_calm(k, vocab=4096):
 @torch.no_grad()
 def test_parallel_rollout_matches_explicit_forward():
     # Tracks continued from several start positions at once must see exactly gold[:i+1] + track.
-    for model, embed, k in [(_tiny("transformer"), None, 1), (*_tiny_calm(2)[:1], None, 2)]:
+    for model, embed, k in [(tiny_model("transformer"), None, 1), (*_tiny_calm(2)[:1], None, 2)]:
         embed = model.embed_chunks if k > 1 else model.transformer.embed_tokens
         g = torch.Generator().manual_seed(0)
         gold = torch.randint(3, 4096, (2, 7 * k), generator=g)
@@ -309,7 +306,7 @@ def test_brier_calm_runs_on_tiny_models(k):
 
 
 def test_brier_transformer_runs_on_tiny_model():
-    model = _tiny("transformer", "model.vocab_size=16")
+    model = tiny_model("transformer", "model.vocab_size=16")
     blocks = [torch.randint(0, 16, (40,), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     res = evaluate_brier(model, blocks, generator=torch.Generator().manual_seed(0))
     assert res["positions"] == [3 * 39, 3 * 38, 3 * 37, 3 * 36] and res["block_tokens"] == 40

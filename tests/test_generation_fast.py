@@ -4,33 +4,24 @@ decoding, and the full count of decoded candidates."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from calm_pretrain.candidates import Unique, candidate_keys, complete
-from calm_pretrain.config import load_config
-from calm_pretrain.models import build_model
 from calm_pretrain.models.autoencoder.argmax import ScreenedArgmax
 from calm_pretrain.sampling import batch_temperature_choice, generate_calm
 from calm_pretrain.sampling_reference import reference_generate_calm
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _tiny(name, *overrides):
-    torch.manual_seed(0)
-    return build_model(load_config(REPO / f"configs/tiny/{name}.yaml", list(overrides)).model).eval()
+from tests.helpers.models import tiny_model
 
 
 def _pair(vocab: int, head_std: float):
     """A tiny CALM with a non-constant head and a tiny AE, both over `vocab` tokens (a small vocabulary
     makes candidates agree on some positions and not on others)."""
-    calm = _tiny("calm", f"model.vocab_size={vocab}")
+    calm = tiny_model("calm", f"model.vocab_size={vocab}")
     nn.init.normal_(calm.head.final_layer.linears[2].weight, std=head_std)
-    return calm, _tiny("ae", f"model.vocab_size={vocab}")
+    return calm, tiny_model("ae", f"model.vocab_size={vocab}")
 
 
 def test_screened_argmax_matches_float64_argmax(monkeypatch):
@@ -91,7 +82,7 @@ def _assert_argmax(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 @pytest.mark.parametrize("screen_from", [0, 1 << 40])
 def test_decode_tokens_is_argmax_of_decode(monkeypatch, screen_from):
     monkeypatch.setattr("calm_pretrain.models.autoencoder.argmax.MIN_SCREENED", screen_from)
-    ae = _tiny("ae")
+    ae = tiny_model("ae")
     z = torch.randn(3, 7, 2, ae.config.latent_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(ae.decode_tokens(z), ae.decode(z).double().argmax(-1))

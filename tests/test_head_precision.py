@@ -1,28 +1,19 @@
 """The opt-in low-precision head of generation (calm_pretrain/head_precision.py) against the fp32 head."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from calm_pretrain.config import load_config
 from calm_pretrain.head_precision import head_sampler
-from calm_pretrain.models import build_model
 from calm_pretrain.sampling import generate_calm
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _tiny(name, *overrides):
-    torch.manual_seed(0)
-    return build_model(load_config(REPO / f"configs/tiny/{name}.yaml", list(overrides)).model).eval()
+from tests.helpers.models import tiny_model
 
 
 @pytest.fixture
 def calm():
-    model = _tiny("calm")
+    model = tiny_model("calm")
     nn.init.normal_(model.head.final_layer.linears[2].weight, std=0.3)
     return model
 
@@ -52,11 +43,11 @@ def test_bf16_head_copy_follows_in_place_updates(calm):
 
 
 def test_generation_with_a_bf16_head(calm):
-    ae = _tiny("ae")
+    ae = tiny_model("ae")
     prompt = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=16, temperature=0.5, num_candidates=16, eos_id=-1)
     a = generate_calm(calm, ae, prompt, generator=torch.Generator().manual_seed(3), head_dtype=torch.bfloat16, **kw)
     b = generate_calm(calm, ae, prompt, generator=torch.Generator().manual_seed(3), head_dtype=torch.bfloat16, **kw)
     assert all(torch.equal(x, y) and len(x) == 22 for x, y in zip(a, b))  # a seed still fixes the tokens
     with pytest.raises(ValueError, match="energy head"):
-        head_sampler(_tiny("calm", "model.head.type=mse").head, torch.bfloat16)
+        head_sampler(tiny_model("calm", "model.head.type=mse").head, torch.bfloat16)

@@ -1,20 +1,16 @@
 """MKL's packed fp32 GEMM for generation (calm_pretrain/packed_gemm.py) against float64 and F.linear."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from calm_pretrain import packed_gemm
-from calm_pretrain.config import load_config
-from calm_pretrain.models import build_model
-from calm_pretrain.packed_gemm import PackedLinearMode
 from calm_pretrain.head_precision import head_sampler
+from calm_pretrain.packed_gemm import PackedLinearMode
 from calm_pretrain.sampling import generate_calm
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.models import tiny_model
 
 
 def test_this_torch_has_the_packed_kernel():
@@ -120,11 +116,6 @@ def test_packs_of_weights_that_are_gone_are_dropped():
     assert sorted(mode.weights[next(iter(mode.weights))].by_rows) == [50, 100]
 
 
-def _model(name: str, *overrides):
-    torch.manual_seed(0)
-    return build_model(load_config(REPO / f"configs/tiny/{name}.yaml", list(overrides)).model).eval()
-
-
 def test_generation_at_t_below_one_packs_the_head(monkeypatch):
     """A head wide enough to be packed (512): the packed GEMMs are used from the second step on (and in a
     later generation from the first), a seed fixes the tokens, and here they are the tokens of the
@@ -138,10 +129,10 @@ def test_generation_at_t_below_one_packs_the_head(monkeypatch):
         return pack
 
     monkeypatch.setattr(PackedLinearMode, "pack", spy)
-    calm = _model("calm", "model.hidden_size=512", "model.intermediate_size=1024", "model.num_heads=4",
+    calm = tiny_model("calm", "model.hidden_size=512", "model.intermediate_size=1024", "model.num_heads=4",
                   "model.num_kv_heads=4")
     nn.init.normal_(calm.head.final_layer.linears[2].weight, std=0.3)
-    ae = _model("ae")
+    ae = tiny_model("ae")
     prompt = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=16, temperature=0.5, num_candidates=64, eos_id=-1)
     packed = generate_calm(calm, ae, prompt, generator=torch.Generator().manual_seed(3), **kw)
@@ -159,7 +150,7 @@ def test_generation_at_t_below_one_packs_the_head(monkeypatch):
 def test_a_compiled_or_gpu_head_is_not_packed():
     """Packing applies to an eager CPU head only: a compiled head keeps its compiled code (tracing the
     mode's bookkeeping would recompile it at each new pack), and a GPU head has no MKL."""
-    calm = _model("calm", "model.hidden_size=512", "model.intermediate_size=1024")
+    calm = tiny_model("calm", "model.hidden_size=512", "model.intermediate_size=1024")
     assert head_sampler(calm.head, packed=True) != calm.head.sample  # eager CPU: packed
     assert head_sampler(calm.head, packed=False) == calm.head.sample
     calm.head.mlp_blocks[0].compile()  # what train.compile does to a block (nothing runs until a call)

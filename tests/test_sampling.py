@@ -9,11 +9,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from calm_pretrain.config import load_config
-from calm_pretrain.models import build_model
 from calm_pretrain.sampling import (_bernoulli_power, batch_temperature_sample, exact_temperature_sample,
                                     generate_calm, generate_transformer)
-from tests.helpers import REPO
+from tests.helpers.models import tiny_model
 
 P = [0.35, 0.25, 0.2, 0.12, 0.08]  # a toy black-box distribution over 5 outcomes
 OUTCOMES = ["a", "b", "c", "d", "e"]
@@ -133,10 +131,6 @@ def test_batch_sampler_limits():
 # --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------
-def _tiny(name, *overrides):
-    torch.manual_seed(0)
-    return build_model(load_config(REPO / f"configs/tiny/{name}.yaml", list(overrides)).model).eval()
-
 
 class LogitAE:
     """decode(z) = z read as K rows of logits (latent_dim = K·V), so tokens follow the head's output."""
@@ -155,8 +149,8 @@ def _random_head(calm, std):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_calm_generation_cache_matches_no_cache(temperature):
-    calm = _random_head(_tiny("calm"), 0.5)
-    ae = _tiny("ae")
+    calm = _random_head(tiny_model("calm"), 0.5)
+    ae = tiny_model("ae")
     prompt = torch.randint(3, 4096, (2, 6), generator=torch.Generator().manual_seed(0))  # 6 → padded to 8
     kwargs = dict(max_new_tokens=16, temperature=temperature, num_candidates=16, eos_id=-1)
     a = generate_calm(calm, ae, prompt, use_cache=True, generator=torch.Generator().manual_seed(1), **kwargs)
@@ -169,7 +163,7 @@ def test_calm_generation_cache_matches_no_cache(temperature):
 
 
 def test_transformer_generation_cache_matches_no_cache():
-    model = _tiny("transformer")
+    model = tiny_model("transformer")
     prompt = torch.randint(3, 4096, (2, 5), generator=torch.Generator().manual_seed(0))
     for temperature in (0.0, 0.8):
         a, b = [generate_transformer(model, prompt, 20, temperature, eos_id=-1, use_cache=c,
@@ -189,7 +183,7 @@ def _check_stopped(out, prompt, eos, pad, max_len):
 
 def test_calm_generation_stops_at_eos_and_strips_pads():
     v, k = 8, 4  # latent_dim 32 = K·V: the head's latent is read directly as logits
-    calm = _random_head(_tiny("calm", f"model.vocab_size={v}", f"model.latent_dim={k * v}"), 3.0)
+    calm = _random_head(tiny_model("calm", f"model.vocab_size={v}", f"model.latent_dim={k * v}"), 3.0)
     ae = LogitAE(k, v)
     eos, pad = calm.config.eos_token_id, calm.config.pad_token_id
     prompt = torch.tensor([5, 3, 7, 4, 6])  # 1-D, not a multiple of K
@@ -212,7 +206,7 @@ def test_calm_generation_stops_at_eos_and_strips_pads():
 
 def test_transformer_generation_stops_at_eos_and_strips_pads():
     v = 8
-    model = _tiny("transformer", f"model.vocab_size={v}")
+    model = tiny_model("transformer", f"model.vocab_size={v}")
     nn.init.zeros_(model.lm_head.weight)  # uniform next token: EOS (and PAD) come up often
     eos, pad = model.config.eos_token_id, model.config.pad_token_id
     prompts = torch.tensor([[5, 3, 7], [4, 4, 5], [7, 6, 5]])

@@ -80,6 +80,7 @@ def variants(args, calm, ae, tr, prompt) -> dict:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CALM_VARIANTS = ("calm", "calm_reference", "calm_unpacked", *(f"calm_head_{d}" for d in HEAD_DTYPES))  # as variants() names them
 
 
 def timed_rounds(fns: dict, rounds: int, per: int, clock=time.perf_counter) -> dict:
@@ -139,7 +140,7 @@ def ratios(per_token: dict, temperatures) -> dict:
     if f"calm_reference@T={t1}" in per_token:
         out[f"transformer / calm_reference @T={t1}"] = per_token["transformer"] / per_token[f"calm_reference@T={t1}"]
     for t in temperatures[1:]:
-        for impl in ("calm", "calm_reference", "calm_unpacked", *(f"calm_head_{d}" for d in HEAD_DTYPES)):
+        for impl in CALM_VARIANTS:
             if f"{impl}@T={t:g}" in per_token:
                 out[f"{impl} T={t:g} / T={t1}"] = per_token[f"{impl}@T={t:g}"] / per_token[f"{impl}@T={t1}"]
     return {k: round(v, 3) for k, v in out.items()}
@@ -152,7 +153,7 @@ def paired_ratios(timed: dict, temperatures) -> dict:
     t1 = f"{temperatures[0]:g}"
     out = {}
     for t in temperatures[1:]:
-        for impl in ("calm", "calm_reference", "calm_unpacked", *(f"calm_head_{d}" for d in HEAD_DTYPES)):
+        for impl in CALM_VARIANTS:
             if f"{impl}@T={t:g}" in timed:
                 pairs = zip(timed[f"{impl}@T={t:g}"]["all"], timed[f"{impl}@T={t1}"]["all"])
                 out[f"{impl} T={t:g} / T={t1}"] = round(statistics.median(a / b for a, b in pairs), 3)

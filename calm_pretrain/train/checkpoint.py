@@ -250,7 +250,7 @@ class Checkpointer:
         if problem:
             return problem
         mine = checksum_problems(path, manifest, share_of(manifest, self.rank, self.world_size))
-        found = [p for part in (all_gather_object(mine) if self.world_size > 1 else [mine]) for p in part]
+        found = [p for part in self._gather(mine) for p in part]
         return "; ".join(found) or None
 
     def _verify_all(self, paths: list[Path]) -> None:

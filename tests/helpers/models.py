@@ -5,6 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def tiny_model(name: str, *overrides):
+    """configs/tiny/<name>.yaml (with dotted overrides) built with torch's seed 0, in eval mode."""
+    import torch
+
+    from calm_pretrain.config import load_config
+    from calm_pretrain.models import build_model
+    from tests.helpers import REPO
+
+    torch.manual_seed(0)
+    return build_model(load_config(REPO / f"configs/tiny/{name}.yaml", list(overrides)).model).eval()
+
+
 def tiny_bpe(texts: list[str], vocab_size: int):
     """A small byte-level BPE with the demo tokenizer's specials, trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
